@@ -1,0 +1,18 @@
+"""curvlightning: the curvature of the loss in PyTorch Lightning training."""
+
+from curvlightning.lightning import (
+    CurvatureCallback,
+    CurvatureMixin,
+    FisherDiagonal,
+    HessianTrace,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CurvatureCallback",
+    "CurvatureMixin",
+    "FisherDiagonal",
+    "HessianTrace",
+    "__version__",
+]

@@ -1,0 +1,8 @@
+"""The Lightning layer: the module mixin and the curvature callbacks."""
+
+from curvlightning.lightning.base import CurvatureCallback
+from curvlightning.lightning.fisher import FisherDiagonal
+from curvlightning.lightning.hessian import HessianTrace
+from curvlightning.lightning.mixin import CurvatureMixin
+
+__all__ = ["CurvatureCallback", "CurvatureMixin", "FisherDiagonal", "HessianTrace"]
