@@ -3,6 +3,7 @@
 from curvlightning.lightning import (
     CurvatureCallback,
     CurvatureMixin,
+    CurvatureReport,
     FisherDiagonal,
     HessianTrace,
 )
@@ -12,6 +13,7 @@ __version__ = "0.1.0"
 __all__ = [
     "CurvatureCallback",
     "CurvatureMixin",
+    "CurvatureReport",
     "FisherDiagonal",
     "HessianTrace",
     "__version__",

@@ -4,5 +4,12 @@ from curvlightning.lightning.base import CurvatureCallback
 from curvlightning.lightning.fisher import FisherDiagonal
 from curvlightning.lightning.hessian import HessianTrace
 from curvlightning.lightning.mixin import CurvatureMixin
+from curvlightning.lightning.report import CurvatureReport
 
-__all__ = ["CurvatureCallback", "CurvatureMixin", "FisherDiagonal", "HessianTrace"]
+__all__ = [
+    "CurvatureCallback",
+    "CurvatureMixin",
+    "CurvatureReport",
+    "FisherDiagonal",
+    "HessianTrace",
+]
