@@ -20,6 +20,7 @@ from torch.nn.utils.stateless import _reparametrize_module
 __all__ = [
     "FunctionalModel",
     "flatten",
+    "math_attention",
     "trainable_parameters",
     "unflatten",
 ]
@@ -97,7 +98,8 @@ class FunctionalModel:
 
     Every call runs the module with parameters substituted (``theta`` given as a
     sequence of tensors shaped like :attr:`params`), with cloned buffers, with
-    BatchNorm running statistics frozen, outside autocast, and with the RNG pinned to
+    BatchNorm running statistics frozen, outside autocast, with attention on its
+    differentiable math kernel (:func:`math_attention`), and with the RNG pinned to
     ``rng_seed`` so that dropout draws the same mask in every product of one
     estimate. The global RNG state is restored after each call.
 
@@ -180,10 +182,23 @@ class FunctionalModel:
         with contextlib.ExitStack() as stack:
             stack.enter_context(_frozen_batch_norm_stats(self.module))
             stack.enter_context(torch.autocast(device.type, enabled=False))
+            stack.enter_context(math_attention())
             if self.rng_seed is not None:
                 stack.enter_context(torch.random.fork_rng(devices=devices))
                 torch.manual_seed(self.rng_seed)
             yield
+
+
+def math_attention() -> contextlib.AbstractContextManager:
+    """Route ``F.scaled_dot_product_attention`` to its differentiable math kernel.
+
+    The fused kernels (flash attention on CPU, among others) have neither a
+    double-backward derivative nor forward-mode AD; the math kernel has both and
+    computes the same function.
+    """
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel(SDPBackend.MATH)
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
