@@ -154,10 +154,14 @@ class FunctionalModel:
 
     def outputs(self, params: Sequence[Tensor], inputs: Any) -> Tensor:
         """The module's outputs at parameters ``params`` (no side effects)."""
-        mapping = dict(zip(self.names, params, strict=True))
+        mapping = self._frozen()
+        mapping.update(zip(self.names, params, strict=True))
         mapping.update(self._buffers())
         forward = self.forward or self.module
-        with self._context(), _reparametrize_module(self.module, mapping):
+        with (
+            self._context(),
+            _reparametrize_module(self.module, mapping, tie_weights=True),
+        ):
             return forward(inputs)
 
     def loss_at(self, params: Sequence[Tensor], inputs: Any, targets: Any) -> Tensor:
@@ -165,6 +169,14 @@ class FunctionalModel:
         if self.loss is None:
             raise ValueError("FunctionalModel needs a loss to evaluate loss_at")
         return self.loss(self.outputs(params, inputs), targets)
+
+    def _frozen(self) -> dict[str, Tensor]:
+        """Frozen floating parameters in the pass' dtype (constants of the pass)."""
+        return {
+            name: p.detach().to(self.dtype)
+            for name, p in self.module.named_parameters()
+            if not p.requires_grad and p.is_floating_point()
+        }
 
     def _buffers(self) -> dict[str, Tensor]:
         return {

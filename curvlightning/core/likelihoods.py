@@ -38,6 +38,12 @@ class Likelihood:
 
     name: str
 
+    def __post_init__(self) -> None:
+        if self.name not in LIKELIHOODS:
+            raise ValueError(
+                f"curvature_likelihood must be one of {LIKELIHOODS}, got {self.name!r}"
+            )
+
     def per_sample_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
         """The loss ``l_n`` of each sample, shape ``(N,)``."""
         if self.name == "categorical":
@@ -124,8 +130,4 @@ def get_likelihood(name: str | Likelihood) -> Likelihood:
     """
     if isinstance(name, Likelihood):
         return name
-    if name not in LIKELIHOODS:
-        raise ValueError(
-            f"curvature_likelihood must be one of {LIKELIHOODS}, got {name!r}"
-        )
     return Likelihood(name)
