@@ -5,6 +5,7 @@ from curvlightning.lightning import (
     CurvatureMixin,
     CurvatureReport,
     FisherDiagonal,
+    HessianDiagonal,
     HessianTrace,
 )
 
@@ -15,6 +16,7 @@ __all__ = [
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
+    "HessianDiagonal",
     "HessianTrace",
     "__version__",
 ]

@@ -2,7 +2,7 @@
 
 from curvlightning.lightning.base import CurvatureCallback
 from curvlightning.lightning.fisher import FisherDiagonal
-from curvlightning.lightning.hessian import HessianTrace
+from curvlightning.lightning.hessian import HessianDiagonal, HessianTrace
 from curvlightning.lightning.mixin import CurvatureMixin
 from curvlightning.lightning.report import CurvatureReport
 
@@ -11,5 +11,6 @@ __all__ = [
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
+    "HessianDiagonal",
     "HessianTrace",
 ]

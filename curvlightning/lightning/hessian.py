@@ -2,21 +2,26 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
+import lightning.pytorch as pl
+import torch
 from torch import Tensor
 
 from curvlightning.core.estimators import (
     Estimate,
     check_num_probes,
+    hutchinson_diagonal,
     hutchinson_trace,
     reduce_estimate,
 )
+from curvlightning.core.fisher import check_fisher_kind, fisher_diagonal
 from curvlightning.core.operators import HVP_BACKENDS, HessianOperator
 from curvlightning.lightning.base import CurvatureCallback, _Context, layer_segments
+from curvlightning.logging.wandb_media import log_histograms
 
-__all__ = ["HessianTrace"]
+__all__ = ["HessianDiagonal", "HessianTrace", "compare_diagonals"]
 
 
 class HessianTrace(CurvatureCallback):
@@ -86,3 +91,160 @@ class HessianTrace(CurvatureCallback):
         if not self.shared_probes:
             estimate = reduce_estimate(estimate, ctx.reducer, ctx.num_samples)
         return {f"{self.name}/hessian_trace": estimate}
+
+
+class HessianDiagonal(CurvatureCallback):
+    r"""Hutchinson's estimate of ``diag(H)``, and how far Fisher diagonals are from it.
+
+    Each rank estimates ``(1/n) sum_i v_i * H_r v_i`` with its own ``num_probes``
+    probes; the per-rank diagonals are averaged with sample-count weights. Logs the
+    sum of the diagonal ``curvature/hessian_diagonal_sum`` (an unbiased trace
+    estimate) per layer, and per-layer histograms to wandb.
+
+    With ``compare_fisher`` (any of ``"empirical"``, ``"mc"``, ``"gnb"``) it also
+    computes those Fisher diagonals on the same batch and logs, per layer and in
+    total, the relative error ``||F - D||_2 / ||D||_2`` and the Pearson correlation
+    of ``F`` and ``D``: the claim ``diag(E[H]) = E[g^2]`` measured on your model. The
+    Monte-Carlo and Gauss-Newton-Bartlett Fisher estimate the Gauss-Newton diagonal,
+    which equals the Hessian diagonal only where the residual term vanishes; the
+    empirical Fisher agrees only where the model is calibrated.
+
+    Args:
+        num_probes: Probes per rank and estimate.
+        compare_fisher: Fisher kinds to compare with the Hessian diagonal.
+        mc_samples: Sampled labels (``"mc"``) or draws (``"gnb"``) for the Fisher.
+        backend: The Hessian-vector product backend.
+        log_histograms: Log per-layer histograms of the diagonal to wandb.
+        **kwargs: Scheduling options of :class:`CurvatureCallback`.
+
+    Warning:
+        The Hutchinson diagonal has variance ``sum_{k != j} H_jk^2 / n`` per
+        coordinate, so the measured distance to a Fisher diagonal includes the
+        probe noise: raise ``num_probes`` until the reported distance stops moving.
+    """
+
+    def __init__(
+        self,
+        num_probes: int = 32,
+        compare_fisher: Sequence[str] = (),
+        mc_samples: int = 1,
+        backend: str = "double_backward",
+        log_histograms: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        check_num_probes(num_probes)
+        for kind in compare_fisher:
+            check_fisher_kind(kind, mc_samples)
+        if backend not in HVP_BACKENDS:
+            raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
+        self.num_probes = num_probes
+        self.compare_fisher = tuple(compare_fisher)
+        self.mc_samples = mc_samples
+        self.backend = backend
+        self.log_histograms = log_histograms
+        self._last_diagonal: dict[str, Tensor] = {}
+
+    def summary_keys(self) -> list[str]:
+        """The diagonal's sum and the Fisher distances."""
+        keys = [f"{self.name}/hessian_diagonal_sum"]
+        return keys + [
+            f"{self.name}/fisher_{k}_vs_hessian" for k in self.compare_fisher
+        ]
+
+    def estimate(
+        self, ctx: _Context, inputs: Any, targets: Tensor
+    ) -> Mapping[str, Estimate]:
+        """The Hessian diagonal, its sum, and the Fisher comparisons."""
+        operator = HessianOperator(ctx.model, inputs, targets, self.backend)
+        diagonal = hutchinson_diagonal(
+            operator,
+            operator.dim,
+            ctx.probes,
+            self.num_probes,
+            reduce_samples=ctx.weighted_mean if self.shared_probes else None,
+            dtype=ctx.model.dtype,
+            device=ctx.model.device,
+        )
+        if not self.shared_probes:
+            diagonal = reduce_estimate(diagonal, ctx.reducer, ctx.num_samples)
+        layers = layer_segments(ctx.model)
+        self._last_diagonal = {n: diagonal.value[s] for n, s in layers.items()}
+        out = {
+            f"{self.name}/hessian_diagonal": diagonal,
+            f"{self.name}/hessian_diagonal_sum": _block_sums(diagonal, layers),
+        }
+        for kind in self.compare_fisher:
+            fisher = fisher_diagonal(
+                ctx.model,
+                inputs,
+                targets,
+                ctx.pl_module.likelihood,
+                kind,
+                mc_samples=self.mc_samples,
+                probes=ctx.probes,
+                reducer=ctx.reducer,
+            )
+            key = f"{self.name}/fisher_{kind}_vs_hessian"
+            out.update(compare_diagonals(key, fisher.value, diagonal.value, layers))
+        return out
+
+    def log_media(
+        self, trainer: pl.Trainer, ctx: _Context, estimates: Mapping[str, Estimate]
+    ) -> None:
+        """Per-layer histograms of the diagonal to wandb."""
+        if self.log_histograms:
+            prefix = f"{self.name}/hessian_diagonal_hist"
+            tensors = {f"{prefix}/{n}": v for n, v in self._last_diagonal.items()}
+            log_histograms(trainer, tensors, ctx.step)
+
+
+def _block_sums(diagonal: Estimate, layers: Mapping[str, slice]) -> Estimate:
+    """Sums of a diagonal estimate over each layer (errors added in quadrature).
+
+    The probes make the coordinates' errors correlated, so the quadrature sum is
+    only indicative; :class:`HessianTrace` gives the trace with an exact error.
+    """
+
+    def block(s: slice) -> Estimate:
+        value = diagonal.value[s].sum()
+        stderr = diagonal.stderr[s].pow(2).sum().sqrt()
+        return Estimate(value, stderr, diagonal.num_matvecs, diagonal.num_samples)
+
+    parts = {name: block(s) for name, s in layers.items()}
+    whole = block(slice(None))
+    return Estimate(
+        whole.value, whole.stderr, whole.num_matvecs, whole.num_samples, parts
+    )
+
+
+def compare_diagonals(
+    key: str, fisher: Tensor, hessian: Tensor, layers: Mapping[str, slice]
+) -> dict[str, Estimate]:
+    """Relative error and correlation of two diagonals, in total and per layer.
+
+    Returns:
+        ``{key: relative error, key + "_corr": correlation}``, each with the
+        per-layer values in ``parts`` (the standard errors are NaN: these are
+        distances between two estimates, not estimates of a quantity).
+    """
+
+    def rel_error(s: slice) -> Tensor:
+        return (fisher[s] - hessian[s]).norm() / hessian[s].norm().clamp_min(1e-30)
+
+    def corr(s: slice) -> Tensor:
+        stacked = torch.stack([fisher[s], hessian[s]])
+        if stacked.shape[1] < 2:
+            return stacked.new_tensor(float("nan"))
+        return torch.corrcoef(stacked)[0, 1]
+
+    def make(fn: Any) -> Estimate:
+        parts = {n: _distance(fn(s)) for n, s in layers.items()}
+        whole = _distance(fn(slice(None)))
+        return Estimate(whole.value, whole.stderr, 0, 0, parts)
+
+    return {key: make(rel_error), f"{key}_corr": make(corr)}
+
+
+def _distance(value: Tensor) -> Estimate:
+    return Estimate(value, torch.full_like(value, float("nan")), 0, 0)
