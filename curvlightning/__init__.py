@@ -1,22 +1,34 @@
-"""curvlightning: the curvature of the loss in PyTorch Lightning training."""
+"""curvlightning: the curvature of the loss in PyTorch Lightning training.
 
-from curvlightning.lightning import (
-    CurvatureCallback,
-    CurvatureMixin,
-    CurvatureReport,
-    FisherDiagonal,
-    HessianDiagonal,
-    HessianTrace,
-)
+The Lightning layer is imported on first use, so ``import curvlightning.core`` loads
+only torch.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
 
 __version__ = "0.1.0"
 
-__all__ = [
+_LIGHTNING = (
     "CurvatureCallback",
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
     "HessianDiagonal",
+    "HessianSpectrum",
     "HessianTrace",
-    "__version__",
-]
+)
+
+__all__ = [*_LIGHTNING, "__version__"]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LIGHTNING:
+        return getattr(importlib.import_module("curvlightning.lightning"), name)
+    raise AttributeError(f"module 'curvlightning' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(__all__)

@@ -72,9 +72,7 @@ def hutchpp_trace(
     the top of the spectrum, ``||A - A_k||_F <= trace(A) / (2 sqrt(k))``, so the
     variance is ``O(trace(A)^2 / m^2)`` against Hutchinson's
     ``O(||A||_F^2 / m)``: to reach relative error ``eps`` Hutch++ needs
-    ``O(1/eps)`` matvecs where Hutchinson needs ``O(1/eps^2)``. A flat spectrum
-    gains nothing from the sketch and Hutch++ then spends two thirds of its budget
-    for little; use :func:`~curvlightning.core.estimators.hutchinson_trace` there.
+    ``O(1/eps)`` matvecs where Hutchinson needs ``O(1/eps^2)``.
 
     Args:
         matvec: ``v -> A v`` on vectors of shape ``(dim,)``; ``A`` symmetric.
@@ -82,7 +80,7 @@ def hutchpp_trace(
         probes: The probe source; the sketch draws the first ``k`` probes of its
             stream and the remainder the next ``n``.
         num_matvecs: The budget m, at least 3.
-        dtype: Probe dtype.
+        dtype: Dtype of the probes and of the arithmetic (products are cast to it).
         device: Probe device.
 
     Returns:
@@ -93,6 +91,16 @@ def hutchpp_trace(
     Raises:
         TypeError: If ``num_matvecs`` is not an int.
         ValueError: If ``num_matvecs < 3``.
+
+    Warning:
+        A flat spectrum gains nothing from the sketch, and the deflated probes
+        ``(I - QQ^T) g`` are no longer Rademacher vectors, so Hutchinson's exactness
+        on a diagonal matrix is lost: for ``A ~ c I`` the remainder term varies like
+        ``c ||Q^T g||^2`` (about ``c sqrt(2k)``), and the error of Hutch++ stops
+        decreasing with m. On a spectrum without a dominant top (``lambda_i`` in
+        ``[1, 2]``, p = 500) it is 2 to 4 times the error of
+        :func:`~curvlightning.core.estimators.hutchinson_trace` at equal matvecs
+        (``benchmarks/hutchpp.py``); use that there.
 
     Note:
         The paper orthogonalises ``A S`` for a sketch of ``m/3`` Rademacher probes
@@ -108,15 +116,15 @@ def hutchpp_trace(
     sketch = probes.draw(sketch_size, dim, dtype=dtype, device=device, generator=gen)
 
     # The sketch basis Q (p x k) and the exact trace of Q^T A Q.
-    products = torch.stack([matvec(s) for s in sketch], dim=1)
+    products = torch.stack([matvec(s).to(dtype) for s in sketch], dim=1)
     basis = torch.linalg.qr(products, mode="reduced").Q
-    low_rank = sum(q @ matvec(q) for q in basis.T)
+    low_rank = sum(q @ matvec(q).to(dtype) for q in basis.T)
 
     # Hutchinson on the deflated remainder (I - QQ^T) A (I - QQ^T).
     terms = []
     for _ in range(num_remainder):
         g = probes.draw(1, dim, dtype=dtype, device=device, generator=gen)[0]
         g = g - basis @ (basis.T @ g)
-        terms.append(g @ matvec(g))
+        terms.append(g @ matvec(g).to(dtype))
     mean, stderr = mean_and_stderr(torch.stack(terms))
     return Estimate(low_rank + mean, stderr, num_matvecs, num_remainder)
