@@ -19,6 +19,7 @@ _LIGHTNING = (
     "HessianDiagonal",
     "HessianSpectrum",
     "HessianTrace",
+    "QuadraticModelCheck",
 )
 
 __all__ = [*_LIGHTNING, "__version__"]

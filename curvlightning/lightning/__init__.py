@@ -5,6 +5,7 @@ from curvlightning.lightning.fisher import FisherDiagonal
 from curvlightning.lightning.hessian import HessianDiagonal, HessianTrace
 from curvlightning.lightning.mixin import CurvatureMixin
 from curvlightning.lightning.report import CurvatureReport
+from curvlightning.lightning.spectrum import HessianSpectrum, QuadraticModelCheck
 
 __all__ = [
     "CurvatureCallback",
@@ -12,5 +13,7 @@ __all__ = [
     "CurvatureReport",
     "FisherDiagonal",
     "HessianDiagonal",
+    "HessianSpectrum",
     "HessianTrace",
+    "QuadraticModelCheck",
 ]
