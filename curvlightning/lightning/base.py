@@ -151,6 +151,8 @@ class CurvatureCallback(Callback):
     ) -> None:
         """Estimate when an optimizer step lands on the schedule."""
         self._last_batch = batch
+        if self.curvature_batch == "fixed" and self._fixed_batch is None:
+            self._fixed_batch = _to_cpu(batch)
         step = trainer.global_step
         if step == self._last_step or step == 0 or step % self.every_n_steps:
             return
