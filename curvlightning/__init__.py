@@ -13,6 +13,7 @@ __version__ = "0.1.0"
 
 _LIGHTNING = (
     "CurvatureCallback",
+    "CurvatureFeed",
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
@@ -22,12 +23,16 @@ _LIGHTNING = (
     "QuadraticModelCheck",
 )
 
-__all__ = [*_LIGHTNING, "__version__"]
+_OPTIM = ("DiagCurvatureAdam", "adahessian_like", "sophia_like")
+
+__all__ = [*_LIGHTNING, *_OPTIM, "__version__"]
 
 
 def __getattr__(name: str) -> Any:
     if name in _LIGHTNING:
         return getattr(importlib.import_module("curvlightning.lightning"), name)
+    if name in _OPTIM:
+        return getattr(importlib.import_module("curvlightning.optim"), name)
     raise AttributeError(f"module 'curvlightning' has no attribute {name!r}")
 
 

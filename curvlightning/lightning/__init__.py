@@ -1,6 +1,7 @@
 """The Lightning layer: the module mixin and the curvature callbacks."""
 
 from curvlightning.lightning.base import CurvatureCallback
+from curvlightning.lightning.feed import CurvatureFeed
 from curvlightning.lightning.fisher import FisherDiagonal
 from curvlightning.lightning.hessian import HessianDiagonal, HessianTrace
 from curvlightning.lightning.mixin import CurvatureMixin
@@ -9,6 +10,7 @@ from curvlightning.lightning.spectrum import HessianSpectrum, QuadraticModelChec
 
 __all__ = [
     "CurvatureCallback",
+    "CurvatureFeed",
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
