@@ -14,7 +14,7 @@ from lightning.pytorch import Trainer
 from lightning.pytorch.cli import ArgsType, LightningCLI
 from lightning.pytorch.loggers import WandbLogger
 
-_METRICS = ("val/acc", "val/loss")
+_METRICS = ("val/acc", "val/loss", "val/bpc")
 
 
 class CurvatureCLI(LightningCLI):
@@ -27,9 +27,17 @@ class CurvatureCLI(LightningCLI):
     """
 
     def after_fit(self) -> None:
-        """Print the run summary on rank zero."""
-        if self.trainer.is_global_zero:
-            print("\n".join(summary_lines(self.trainer)), flush=True)
+        """Print the run summary on rank zero, then close the wandb runs.
+
+        Closing flushes the offline run file, so it is complete when the command
+        returns (Lightning leaves wandb runs open).
+        """
+        if not self.trainer.is_global_zero:
+            return
+        print("\n".join(summary_lines(self.trainer)), flush=True)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()
 
 
 def summary_lines(trainer: Trainer) -> list[str]:

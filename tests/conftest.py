@@ -1,3 +1,5 @@
+import sys
+
 import pytest
 import torch
 
@@ -13,3 +15,12 @@ def single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def _close_wandb_runs():
+    """Close a wandb run a test left open, so the next test starts its own."""
+    yield
+    wandb = sys.modules.get("wandb")
+    if wandb is not None and wandb.run is not None:
+        wandb.finish()

@@ -1,5 +1,6 @@
-"""Data modules over real data sets that ship with their libraries."""
+"""Data modules over data that ships with a library or lives on every machine."""
 
 from curvlightning.data.digits import DigitsDataModule
+from curvlightning.data.text import CharTextDataModule
 
-__all__ = ["DigitsDataModule"]
+__all__ = ["CharTextDataModule", "DigitsDataModule"]
