@@ -15,9 +15,29 @@ from curvlightning.core.estimators import (
     hutchinson_trace,
     reduce_estimate,
 )
-from curvlightning.core.fisher import FISHER_KINDS, fisher_diagonal
+from curvlightning.core.fisher import FISHER_KINDS, FISHER_METHODS, fisher_diagonal
 from curvlightning.core.functional import FunctionalModel, flatten, unflatten
+from curvlightning.core.gradients import (
+    NoiseScaleEMA,
+    gradient_snr,
+    noise_scale_across_ranks,
+    noise_scale_from_gradients,
+    per_sample_gradients_chunked,
+)
+from curvlightning.core.hutchpp import hutchpp_trace
+from curvlightning.core.jacobian import (
+    class_sensitivity,
+    jacobian_frobenius_estimate,
+    jacobian_row_norms,
+    jacobian_rows,
+)
+from curvlightning.core.lanczos import lanczos, spectral_density, top_eigenvalues
 from curvlightning.core.likelihoods import LIKELIHOODS, Likelihood, get_likelihood
+from curvlightning.core.newton import (
+    conjugate_gradient,
+    newton_direction,
+    quadratic_model_change,
+)
 from curvlightning.core.operators import (
     HVP_BACKENDS,
     HessianOperator,
@@ -25,28 +45,53 @@ from curvlightning.core.operators import (
     segments,
 )
 from curvlightning.core.probes import ProbeSource, mix_seed
+from curvlightning.core.sumsq import (
+    fisher_sumsq,
+    gradient_power_sums,
+    sum_of_squared_gradients,
+)
 
 __all__ = [
     "FISHER_KINDS",
+    "FISHER_METHODS",
     "HVP_BACKENDS",
     "LIKELIHOODS",
     "Estimate",
     "FunctionalModel",
     "HessianOperator",
     "Likelihood",
+    "NoiseScaleEMA",
     "ProbeSource",
     "Reducer",
     "SingleProcess",
     "TorchDistributed",
+    "class_sensitivity",
+    "conjugate_gradient",
     "default_reducer",
     "fisher_diagonal",
+    "fisher_sumsq",
     "flatten",
     "get_likelihood",
+    "gradient_power_sums",
+    "gradient_snr",
     "hutchinson_diagonal",
     "hutchinson_trace",
+    "hutchpp_trace",
+    "jacobian_frobenius_estimate",
+    "jacobian_row_norms",
+    "jacobian_rows",
+    "lanczos",
     "mix_seed",
+    "newton_direction",
+    "noise_scale_across_ranks",
+    "noise_scale_from_gradients",
     "per_sample_gradients",
+    "per_sample_gradients_chunked",
+    "quadratic_model_change",
     "reduce_estimate",
     "segments",
+    "spectral_density",
+    "sum_of_squared_gradients",
+    "top_eigenvalues",
     "unflatten",
 ]

@@ -29,6 +29,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.nn.modules.batchnorm import _BatchNorm
 
 from curvlightning.core.distributed import Reducer, SingleProcess
 from curvlightning.core.estimators import Estimate, _estimate_from_sums, mean_and_stderr
@@ -40,6 +41,7 @@ from curvlightning.core.probes import ProbeSource
 __all__ = ["FISHER_KINDS", "fisher_diagonal"]
 
 FISHER_KINDS = ("empirical", "mc", "gnb")
+FISHER_METHODS = ("auto", "sumsq", "vmap")
 
 
 def check_fisher_kind(kind: str, mc_samples: int) -> None:
@@ -66,6 +68,7 @@ def fisher_diagonal(
     reducer: Reducer | None = None,
     chunk_size: int | None = None,
     segments: Mapping[str, slice] | None = None,
+    method: str = "auto",
 ) -> Estimate:
     """A diagonal of the Fisher information on one batch, reduced over ranks.
 
@@ -85,12 +88,34 @@ def fisher_diagonal(
             are reported in ``parts``, each with its own standard error (the
             coordinates of one sample are correlated, so it is not the quadrature
             sum of the coordinates' errors).
+        method: How ``"empirical"`` and ``"mc"`` get their squared per-sample
+            gradients: ``"sumsq"`` from layer inputs and output gradients without
+            forming per-sample gradients (:mod:`curvlightning.core.sumsq`; Linear
+            and Conv2d layers, ``vmap`` for the others), ``"vmap"`` from
+            per-sample gradients, ``"auto"`` (``"sumsq"`` unless a segment cuts a
+            parameter or BatchNorm is in training mode).
 
     Returns:
         The diagonal (shape ``(p,)``) with its standard error: over samples for
         ``"empirical"`` and ``"mc"``, over the ``mc_samples`` draws for ``"gnb"``.
     """
     check_fisher_kind(kind, mc_samples)
+    if method not in FISHER_METHODS:
+        raise ValueError(f"method must be one of {FISHER_METHODS}, got {method!r}")
+    if kind != "gnb" and _use_sumsq(method, model, segments):
+        from curvlightning.core.sumsq import fisher_sumsq
+
+        return fisher_sumsq(
+            model,
+            inputs,
+            targets,
+            likelihood,
+            kind,
+            mc_samples=mc_samples,
+            probes=probes,
+            reducer=reducer,
+            segments=segments,
+        )
     reducer = reducer or SingleProcess()
     probes = probes or ProbeSource()
     inputs, targets = model.cast(inputs), model.cast(targets)
@@ -156,6 +181,28 @@ def _split_parts(whole: Estimate, dim: int, segments: Mapping[str, slice]) -> Es
         whole.num_samples,
         parts,
     )
+
+
+def _use_sumsq(
+    method: str, model: FunctionalModel, segments: Mapping[str, slice] | None
+) -> bool:
+    """Whether the sums-of-squares path applies (``method="auto"`` decides here)."""
+    if method != "auto":
+        return method == "sumsq"
+    for m in model.module.modules():
+        if isinstance(m, _BatchNorm) and m.training:
+            return False
+    bounds = set()
+    start = 0
+    for p in model.params:
+        bounds.add(start)
+        start += p.numel()
+    bounds.add(start)
+    for s in (segments or {}).values():
+        lo, hi, _ = s.indices(start)
+        if lo not in bounds or hi not in bounds:
+            return False
+    return True
 
 
 def _squared_grads(
