@@ -17,6 +17,7 @@ _LIGHTNING = (
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
+    "GradientStats",
     "HessianDiagonal",
     "HessianSpectrum",
     "HessianTrace",

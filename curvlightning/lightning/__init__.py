@@ -3,6 +3,7 @@
 from curvlightning.lightning.base import CurvatureCallback
 from curvlightning.lightning.feed import CurvatureFeed
 from curvlightning.lightning.fisher import FisherDiagonal
+from curvlightning.lightning.gradients import GradientStats
 from curvlightning.lightning.hessian import HessianDiagonal, HessianTrace
 from curvlightning.lightning.mixin import CurvatureMixin
 from curvlightning.lightning.report import CurvatureReport
@@ -14,6 +15,7 @@ __all__ = [
     "CurvatureMixin",
     "CurvatureReport",
     "FisherDiagonal",
+    "GradientStats",
     "HessianDiagonal",
     "HessianSpectrum",
     "HessianTrace",
