@@ -21,6 +21,7 @@ _LIGHTNING = (
     "HessianDiagonal",
     "HessianSpectrum",
     "HessianTrace",
+    "JacobianRows",
     "QuadraticModelCheck",
 )
 

@@ -5,6 +5,7 @@ from curvlightning.lightning.feed import CurvatureFeed
 from curvlightning.lightning.fisher import FisherDiagonal
 from curvlightning.lightning.gradients import GradientStats
 from curvlightning.lightning.hessian import HessianDiagonal, HessianTrace
+from curvlightning.lightning.jacobian import JacobianRows
 from curvlightning.lightning.mixin import CurvatureMixin
 from curvlightning.lightning.report import CurvatureReport
 from curvlightning.lightning.spectrum import HessianSpectrum, QuadraticModelCheck
@@ -19,5 +20,6 @@ __all__ = [
     "HessianDiagonal",
     "HessianSpectrum",
     "HessianTrace",
+    "JacobianRows",
     "QuadraticModelCheck",
 ]
