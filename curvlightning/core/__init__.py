@@ -17,6 +17,7 @@ from curvlightning.core.estimators import (
 )
 from curvlightning.core.fisher import FISHER_KINDS, FISHER_METHODS, fisher_diagonal
 from curvlightning.core.functional import FunctionalModel, flatten, unflatten
+from curvlightning.core.ggn import GGNOperator, ggn_trace_output_sampling
 from curvlightning.core.gradients import (
     NoiseScaleEMA,
     gradient_snr,
@@ -45,6 +46,14 @@ from curvlightning.core.operators import (
     segments,
 )
 from curvlightning.core.probes import ProbeSource, mix_seed
+from curvlightning.core.products import (
+    BATCHED_HVP_BACKENDS,
+    BatchedHessianOperator,
+    FiniteDifferenceHessianOperator,
+    curvature_sdpa,
+    finite_difference_hvp,
+    hessian_operator,
+)
 from curvlightning.core.sumsq import (
     fisher_sumsq,
     gradient_power_sums,
@@ -52,6 +61,14 @@ from curvlightning.core.sumsq import (
 )
 
 __all__ = [
+    "BATCHED_HVP_BACKENDS",
+    "BatchedHessianOperator",
+    "FiniteDifferenceHessianOperator",
+    "GGNOperator",
+    "curvature_sdpa",
+    "finite_difference_hvp",
+    "ggn_trace_output_sampling",
+    "hessian_operator",
     "FISHER_KINDS",
     "FISHER_METHODS",
     "HVP_BACKENDS",

@@ -35,6 +35,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from curvlightning.core.functional import FunctionalModel, flatten, unflatten
+from curvlightning.core.operators import HVP_BACKENDS, HessianOperator
 
 __all__ = [
     "BATCHED_HVP_BACKENDS",
@@ -688,3 +689,29 @@ class FiniteDifferenceHessianOperator:
         """``H v_i`` for every row of ``probes`` (shape ``(n, p)``), one by one."""
         check_probe_block(probes, self.dim)
         return torch.stack([self(v) for v in probes])
+
+
+def hessian_operator(
+    model: FunctionalModel, inputs: Any, targets: Any, backend: str = "double_backward"
+) -> HessianOperator | BatchedHessianOperator | FiniteDifferenceHessianOperator:
+    """The Hessian-vector product operator for a backend name.
+
+    ``"double_backward"`` and ``"forward_over_reverse"`` give a
+    :class:`~curvlightning.core.operators.HessianOperator`; ``"auto"`` a
+    :class:`BatchedHessianOperator` that picks the first backend the model
+    supports and names the op that fails; ``"finite_difference"`` a
+    :class:`FiniteDifferenceHessianOperator` (two ordinary gradients per product,
+    for models that cannot be differentiated twice).
+
+    Raises:
+        ValueError: On an unknown backend.
+    """
+    if backend not in BATCHED_HVP_BACKENDS:
+        raise ValueError(
+            f"backend must be one of {BATCHED_HVP_BACKENDS}, got {backend!r}"
+        )
+    if backend in HVP_BACKENDS:
+        return HessianOperator(model, inputs, targets, backend)
+    if backend == "finite_difference":
+        return FiniteDifferenceHessianOperator(model, inputs, targets)
+    return BatchedHessianOperator(model, inputs, targets, backend)

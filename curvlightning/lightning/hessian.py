@@ -18,7 +18,11 @@ from curvlightning.core.estimators import (
 )
 from curvlightning.core.fisher import check_fisher_kind, fisher_diagonal
 from curvlightning.core.hutchpp import hutchpp_trace
-from curvlightning.core.operators import HVP_BACKENDS, HessianOperator
+from curvlightning.core.operators import HessianOperator
+from curvlightning.core.products import (
+    BATCHED_HVP_BACKENDS as HVP_BACKENDS,
+)
+from curvlightning.core.products import hessian_operator
 from curvlightning.lightning.base import CurvatureCallback, _Context, layer_segments
 from curvlightning.logging.wandb_media import log_histograms
 
@@ -47,7 +51,11 @@ class HessianTrace(CurvatureCallback):
     Args:
         num_probes: Probes (matvecs) per rank and estimate; at least 3 for Hutch++.
         backend: The Hessian-vector product: ``"double_backward"`` (reuses one
-            gradient graph for all probes) or ``"forward_over_reverse"``.
+            gradient graph for all probes), ``"forward_over_reverse"``, ``"auto"``
+            (the first that the model supports; an op that supports neither is
+            named in the error) or ``"finite_difference"`` (two ordinary gradients
+            per product; not for ReLU networks, see
+            :func:`curvlightning.core.products.finite_difference_hvp`).
         estimator: ``"hutchinson"`` or ``"hutch++"``.
         per_layer: Also log the trace of each layer's diagonal block (Hutchinson).
         **kwargs: Scheduling options of :class:`CurvatureCallback`
@@ -96,7 +104,7 @@ class HessianTrace(CurvatureCallback):
         self, ctx: _Context, inputs: Any, targets: Tensor
     ) -> Mapping[str, Estimate]:
         """The trace of the Hessian on this step's curvature batch."""
-        operator = HessianOperator(ctx.model, inputs, targets, self.backend)
+        operator = hessian_operator(ctx.model, inputs, targets, self.backend)
         if self.estimator == "hutch++":
             return {f"{self.name}/hessian_trace": self._hutchpp(ctx, operator)}
         segments = layer_segments(ctx.model) if self.per_layer else None
@@ -195,7 +203,7 @@ class HessianDiagonal(CurvatureCallback):
         self, ctx: _Context, inputs: Any, targets: Tensor
     ) -> Mapping[str, Estimate]:
         """The Hessian diagonal, its sum, and the Fisher comparisons."""
-        operator = HessianOperator(ctx.model, inputs, targets, self.backend)
+        operator = hessian_operator(ctx.model, inputs, targets, self.backend)
         diagonal = hutchinson_diagonal(
             operator,
             operator.dim,

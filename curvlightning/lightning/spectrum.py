@@ -14,7 +14,11 @@ from curvlightning.core.estimators import Estimate
 from curvlightning.core.functional import flatten
 from curvlightning.core.lanczos import spectral_density, top_eigenvalues
 from curvlightning.core.newton import newton_direction, quadratic_model_change
-from curvlightning.core.operators import HVP_BACKENDS, HessianOperator
+from curvlightning.core.operators import HessianOperator
+from curvlightning.core.products import (
+    BATCHED_HVP_BACKENDS as HVP_BACKENDS,
+)
+from curvlightning.core.products import hessian_operator
 from curvlightning.lightning.base import (
     CurvatureCallback,
     _check_positive_int,
@@ -98,7 +102,7 @@ class HessianSpectrum(CurvatureCallback):
         self, ctx: _Context, inputs: Any, targets: Tensor
     ) -> Mapping[str, Estimate]:
         """Eigenvalues and density of the global batch's Hessian."""
-        operator = HessianOperator(ctx.model, inputs, targets, self.backend)
+        operator = hessian_operator(ctx.model, inputs, targets, self.backend)
         matvec = _all_reduced(ctx, operator)
         probes = dataclasses.replace(ctx.probes, shared=True)
         dim, dtype, device = operator.dim, ctx.model.dtype, ctx.model.device
@@ -283,7 +287,7 @@ class QuadraticModelCheck(CurvatureCallback):
         model = ctx.model
         after = model.params
         model.params = tuple(p.to(model.dtype) for p in self._before[0])
-        operator = HessianOperator(model, inputs, targets, self.backend)
+        operator = hessian_operator(model, inputs, targets, self.backend)
         step = flatten(after) - flatten(model.params)
         gradient = ctx.weighted_mean(operator.gradient())
         curvature = ctx.weighted_mean(operator(step))
