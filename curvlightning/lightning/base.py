@@ -16,9 +16,16 @@ from curvlightning.core.distributed import Reducer, default_reducer
 from curvlightning.core.estimators import Estimate
 from curvlightning.core.functional import FunctionalModel
 from curvlightning.core.probes import ProbeSource, mix_seed
+from curvlightning.core.products import BATCHED_HVP_BACKENDS
 from curvlightning.lightning.mixin import CurvatureMixin
 
-__all__ = ["CURVATURE_BATCHES", "CurvatureCallback", "layer_segments"]
+__all__ = [
+    "CURVATURE_BATCHES",
+    "CurvatureCallback",
+    "check_backend",
+    "layer_segments",
+    "log_scalars",
+]
 
 CURVATURE_BATCHES = ("current", "fixed")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
@@ -239,12 +246,7 @@ class CurvatureCallback(Callback):
     def _log_scalars(
         self, trainer: pl.Trainer, scalars: Mapping[str, float], step: int
     ) -> None:
-        metrics = trainer.callback_metrics
-        for key, value in scalars.items():
-            metrics[key] = torch.tensor(value)
-        if trainer.is_global_zero:
-            for logger in trainer.loggers:
-                logger.log_metrics(dict(scalars), step=step)
+        log_scalars(trainer, scalars, step)
 
     def summary_keys(self) -> list[str]:
         """The scalar metrics this callback logs (without layers and errors)."""
@@ -302,6 +304,30 @@ class _Context:
     def weighted_mean(self, tensor: Tensor) -> Tensor:
         """Mean over ranks weighted by their sample counts."""
         return self.reducer.weighted_mean(tensor, self.num_samples)
+
+
+def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:
+    """Send scalars to every logger (rank zero) and to ``trainer.callback_metrics``.
+
+    Written straight to the loggers at ``step`` rather than through
+    ``LightningModule.log``, whose on-step values reach the loggers only every
+    ``log_every_n_steps`` steps; ``callback_metrics`` carries them back to the main
+    process of a ``ddp_spawn`` run.
+    """
+    metrics = trainer.callback_metrics
+    for key, value in scalars.items():
+        metrics[key] = torch.tensor(value)
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(dict(scalars), step=step)
+
+
+def check_backend(backend: str) -> None:
+    """Raise a ``ValueError`` unless ``backend`` names a Hessian-vector product."""
+    if backend not in BATCHED_HVP_BACKENDS:
+        raise ValueError(
+            f"backend must be one of {BATCHED_HVP_BACKENDS}, got {backend!r}"
+        )
 
 
 def _finite(estimate: Estimate) -> bool:

@@ -18,7 +18,7 @@ from curvlightning.core.distributed import Reducer, default_reducer
 from curvlightning.core.functional import FunctionalModel
 from curvlightning.core.gradients import NoiseScaleEMA, noise_scale_parts
 from curvlightning.core.sumsq import gradient_power_sums
-from curvlightning.lightning.base import _check_positive_int
+from curvlightning.lightning.base import _check_positive_int, log_scalars
 from curvlightning.lightning.mixin import CurvatureMixin
 
 __all__ = ["GradientStats"]
@@ -147,7 +147,7 @@ class GradientStats(Callback):
             metrics.update({f"grad/norm/{n}": math.sqrt(v) for n, v in sq.items()})
         if self.noise_scale:
             metrics.update(self._noise(trainer, pl_module, reducer, layers, sq))
-        _log(trainer, metrics)
+        log_scalars(trainer, metrics, trainer.global_step)
 
     # -------------------------------------------------------------------- helpers
     def _noise(
@@ -312,12 +312,3 @@ def _batch_gradient(model: FunctionalModel, inputs: Any, targets: Any) -> list[T
         torch.zeros_like(p) if g is None else g
         for g, p in zip(grads, leaves, strict=True)
     ]
-
-
-def _log(trainer: pl.Trainer, metrics: Mapping[str, float]) -> None:
-    step = trainer.global_step
-    for key, value in metrics.items():
-        trainer.callback_metrics[key] = torch.tensor(value)
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(dict(metrics), step=step)

@@ -19,11 +19,13 @@ from curvlightning.core.estimators import (
 from curvlightning.core.fisher import check_fisher_kind, fisher_diagonal
 from curvlightning.core.hutchpp import hutchpp_trace
 from curvlightning.core.operators import HessianOperator
-from curvlightning.core.products import (
-    BATCHED_HVP_BACKENDS as HVP_BACKENDS,
-)
 from curvlightning.core.products import hessian_operator
-from curvlightning.lightning.base import CurvatureCallback, _Context, layer_segments
+from curvlightning.lightning.base import (
+    CurvatureCallback,
+    _Context,
+    check_backend,
+    layer_segments,
+)
 from curvlightning.logging.wandb_media import log_histograms
 
 __all__ = ["HessianDiagonal", "HessianTrace", "TRACE_ESTIMATORS", "compare_diagonals"]
@@ -81,8 +83,7 @@ class HessianTrace(CurvatureCallback):
     ) -> None:
         super().__init__(**kwargs)
         check_num_probes(num_probes)
-        if backend not in HVP_BACKENDS:
-            raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         if estimator not in TRACE_ESTIMATORS:
             raise ValueError(
                 f"estimator must be one of {TRACE_ESTIMATORS}, got {estimator!r}"
@@ -183,8 +184,7 @@ class HessianDiagonal(CurvatureCallback):
         check_num_probes(num_probes)
         for kind in compare_fisher:
             check_fisher_kind(kind, mc_samples)
-        if backend not in HVP_BACKENDS:
-            raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.num_probes = num_probes
         self.compare_fisher = tuple(compare_fisher)
         self.mc_samples = mc_samples

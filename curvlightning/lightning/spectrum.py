@@ -15,14 +15,12 @@ from curvlightning.core.functional import flatten
 from curvlightning.core.lanczos import spectral_density, top_eigenvalues
 from curvlightning.core.newton import newton_direction, quadratic_model_change
 from curvlightning.core.operators import HessianOperator
-from curvlightning.core.products import (
-    BATCHED_HVP_BACKENDS as HVP_BACKENDS,
-)
 from curvlightning.core.products import hessian_operator
 from curvlightning.lightning.base import (
     CurvatureCallback,
     _check_positive_int,
     _Context,
+    check_backend,
 )
 from curvlightning.logging.wandb_media import log_line_plot
 
@@ -82,8 +80,7 @@ class HessianSpectrum(CurvatureCallback):
                 f"top_k={top_k} needs at least as many Lanczos steps; got "
                 f"num_steps={num_steps}: raise num_steps"
             )
-        if backend not in HVP_BACKENDS:
-            raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.top_k = top_k
         self.num_steps = num_steps
         self.density = density
@@ -231,8 +228,7 @@ class QuadraticModelCheck(CurvatureCallback):
             raise ValueError(f"newton_iters must be >= 0, got {newton_iters}")
         if damping < 0:
             raise ValueError(f"damping must be >= 0, got {damping}")
-        if backend not in HVP_BACKENDS:
-            raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
+        check_backend(backend)
         self.newton_iters = newton_iters
         self.damping = damping
         self.backend = backend
