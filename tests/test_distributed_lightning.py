@@ -21,7 +21,12 @@ from lightning.pytorch.loggers import CSVLogger
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
-from curvlightning import CurvatureMixin, FisherDiagonal, HessianTrace
+from curvlightning import (
+    CurvatureMixin,
+    FisherDiagonal,
+    HessianSpectrum,
+    HessianTrace,
+)
 from curvlightning.core import FunctionalModel, fisher_diagonal
 
 pytestmark = pytest.mark.distributed
@@ -30,6 +35,8 @@ NUM_SAMPLES, LOCAL_BATCH = 64, 8
 STEPS = (2, 4)
 TRACE = "curvature/hessian_trace"
 FISHER = "curvature/fisher_empirical_trace"
+EIGEN = "curvature/hessian_eigenvalues"
+DENSITY_TRACE = "curvature/hessian_density_trace"
 
 
 class Classifier(CurvatureMixin, pl.LightningModule):
@@ -81,6 +88,9 @@ def _callbacks() -> list[pl.Callback]:
     return [
         HessianTrace(num_probes=8, shared_probes=True, **schedule),
         FisherDiagonal(kind="empirical", log_histograms=False, **schedule),
+        HessianSpectrum(
+            top_k=3, num_steps=12, density_probes=2, density_steps=12, **schedule
+        ),
     ]
 
 
@@ -157,6 +167,7 @@ def test_two_ranks_log_what_one_device_logs(runs):
     keys = {key for key, _ in expected}
     assert {TRACE, f"{TRACE}_stderr", FISHER, f"{FISHER}_stderr"} <= keys
     assert {f"{TRACE}/net.0", f"{TRACE}/net.2", f"{FISHER}/net.0"} <= keys
+    assert {f"{EIGEN}/1", f"{EIGEN}/3", DENSITY_TRACE} <= keys
     assert {step for _, step in expected} == set(STEPS)
     assert set(got) == set(expected)
     for (key, step), value in expected.items():
