@@ -277,3 +277,41 @@ def test_non_finite_estimates_are_skipped_and_counted(tmp_path):
         _trainer(tmp_path, [trace], max_steps=4).fit(Exploding(), _loader())
     assert trace.num_skipped == 2
     assert trace.history == []
+
+
+def test_outputs_that_are_not_a_tensor_are_refused(tmp_path):
+    class DictOutputs(_WithMixin):
+        def forward(self, x):
+            return {"logits": self.net(x)}
+
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.cross_entropy(self(x)["logits"], y)
+
+    trainer = _trainer(tmp_path, [HessianTrace(every_n_steps=1)])
+    with pytest.raises(TypeError, match=r"dict with keys \['logits'\]. Override"):
+        trainer.fit(DictOutputs(), _loader())
+
+
+def test_default_likelihood_refuses_regression_targets(tmp_path):
+    class Regression(_WithMixin):
+        def training_step(self, batch, batch_idx):
+            x, y = batch
+            return F.mse_loss(self(x), y)
+
+    trainer = _trainer(tmp_path, [HessianTrace(every_n_steps=1)])
+    with pytest.raises(ValueError, match="categorical.*Use .gaussian. for regression"):
+        trainer.fit(Regression(), _loader("regression"))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"shared_probes": "no"}, "shared_probes must be True or False"),
+        ({"at_epoch_end": 1}, "at_epoch_end must be True or False"),
+        ({"seed": "a"}, "seed must be an int"),
+    ],
+)
+def test_scheduling_flags_are_type_checked(kwargs, message):
+    with pytest.raises(TypeError, match=message):
+        HessianTrace(**kwargs)

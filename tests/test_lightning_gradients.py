@@ -163,3 +163,26 @@ def test_gradient_stats_arguments_are_checked():
         GradientStats(every_n_steps=0)
     with pytest.raises(ValueError, match=r"beta must be in \[0, 1\)"):
         GradientStats(ema_beta=1.0)
+
+
+def test_layer_without_gradient_gets_nan_snr():
+    class WithUnused(Classifier):
+        def __init__(self):
+            super().__init__()
+            self.unused = nn.Linear(4, 2).double()
+
+    stats = GradientStats(every_n_steps=1, ema_beta=0.5)
+    trainer = pl.Trainer(
+        accelerator="cpu",
+        max_steps=2,
+        callbacks=[stats],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
+    trainer.fit(WithUnused())
+    metrics = trainer.callback_metrics
+    assert float(metrics["grad/norm/unused"]) == 0.0
+    assert torch.isnan(metrics["grad/snr/unused"])
+    assert torch.isfinite(metrics["grad/snr/net.0"])

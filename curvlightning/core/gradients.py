@@ -384,8 +384,8 @@ class NoiseScaleEMA:
 
     @property
     def b_simple(self) -> float:
-        """``EMA[tr(Sigma)] / EMA[|G|^2]`` (NaN before any update)."""
-        if self.step == 0:
+        """``EMA[tr(Sigma)] / EMA[|G|^2]`` (NaN before any update or at zero)."""
+        if self.step == 0 or self._sq_norm == 0:
             return math.nan
         return self._trace_sigma / self._sq_norm
 

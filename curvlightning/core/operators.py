@@ -150,7 +150,8 @@ def _check_per_sample(module: nn.Module) -> None:
             raise ValueError(
                 f"per-sample gradients are undefined for {type(m).__name__} in "
                 "training mode (each sample's loss depends on the whole batch): use "
-                "kind='gnb', or run the curvature pass with the module in eval mode"
+                "FisherDiagonal(kind='gnb'), GradientStats(noise_scale=False), or "
+                "put the module in eval mode"
             )
 
 

@@ -51,6 +51,11 @@ def layer_segments(model: FunctionalModel) -> dict[str, slice]:
     return out
 
 
+def _check_bool(name: str, value: Any) -> None:
+    if not isinstance(value, bool):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive int, got {value!r}")
@@ -105,6 +110,10 @@ class CurvatureCallback(Callback):
             _check_positive_int("curvature_batch_size", curvature_batch_size)
         if dtype not in _DTYPES:
             raise ValueError(f"dtype must be one of {tuple(_DTYPES)}, got {dtype!r}")
+        _check_bool("at_epoch_end", at_epoch_end)
+        _check_bool("shared_probes", shared_probes)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
         self.every_n_steps = every_n_steps
         self.seed = seed
         self.curvature_batch = curvature_batch
@@ -295,7 +304,7 @@ class _Context:
         )
         self.model = FunctionalModel(
             pl_module,
-            forward=pl_module.curvature_outputs,
+            forward=pl_module.checked_curvature_outputs,
             loss=pl_module.curvature_loss,
             rng_seed=mix_seed(callback.seed, step, self.reducer.rank, "dropout"),
             dtype=_DTYPES[callback.dtype],

@@ -216,7 +216,7 @@ class GradientStats(Callback):
                 est = noise_scale_parts(s, b, small, big)
                 ema = self.layer_emas.setdefault(name, NoiseScaleEMA(self.ema.beta))
                 ema.update(est.sq_norm, est.trace_sigma)
-                metrics[f"grad/snr/{name}"] = 1.0 / ema.b_simple
+                metrics[f"grad/snr/{name}"] = _ratio(ema.sq_norm, ema.trace_sigma)
         return metrics
 
     def state_dict(self) -> dict[str, Any]:
@@ -233,6 +233,11 @@ class GradientStats(Callback):
         for name, state in state_dict.get("layers", {}).items():
             self.layer_emas[name] = NoiseScaleEMA(self.ema.beta)
             self.layer_emas[name].load_state_dict(state)
+
+
+def _ratio(num: float, den: float) -> float:
+    """``num / den``, NaN where the denominator is zero or not finite."""
+    return num / den if den != 0 and math.isfinite(den) else math.nan
 
 
 def _layers(pl_module: pl.LightningModule) -> dict[str, list[Tensor]]:
@@ -272,7 +277,7 @@ def _single_device_parts(
     targets = pl_module.curvature_targets(batch)
     model = FunctionalModel(
         pl_module,
-        forward=pl_module.curvature_outputs,
+        forward=pl_module.checked_curvature_outputs,
         loss=pl_module.curvature_loss,
         rng_seed=None,
     )

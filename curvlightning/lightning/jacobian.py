@@ -50,7 +50,9 @@ class JacobianRows(CurvatureCallback):
 
     Warning:
         Rows are of the batch-mean logit: opposite per-sample sensitivities cancel.
-        The Frobenius estimate measures the per-sample Jacobians instead.
+        The Frobenius estimate measures the per-sample Jacobians instead. Its
+        output-space probes are drawn per rank even with ``shared_probes=True``,
+        so R ranks reproduce one rank's value only in expectation.
     """
 
     def __init__(

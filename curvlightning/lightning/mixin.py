@@ -53,8 +53,29 @@ class CurvatureMixin:
         return self(inputs)
 
     def curvature_loss(self, outputs: Tensor, targets: Tensor) -> Tensor:
-        """The scalar training loss; defaults to the likelihood's mean NLL."""
-        return self.likelihood.loss(outputs, targets)
+        """The scalar training loss; defaults to the likelihood's mean NLL.
+
+        The default refuses targets that do not belong to the likelihood (float
+        targets for ``"categorical"``, say), so that a mean-squared-error module
+        left on the default likelihood fails instead of measuring another loss.
+        """
+        likelihood = self.likelihood
+        likelihood.check(outputs, targets)
+        return likelihood.loss(outputs, targets)
+
+    def checked_curvature_outputs(self, inputs: Any) -> Tensor:
+        """:meth:`curvature_outputs`, refusing anything but a tensor."""
+        outputs = self.curvature_outputs(inputs)
+        if not isinstance(outputs, Tensor):
+            kind = type(outputs).__name__
+            if isinstance(outputs, Mapping):
+                kind = f"dict with keys {sorted(map(str, outputs))}"
+            raise TypeError(
+                "curvature_outputs(inputs) must return the outputs (logits) as one "
+                f"tensor; {type(self).__name__}'s returned a {kind}. Override "
+                "curvature_outputs(inputs) to return the tensor the loss takes"
+            )
+        return outputs
 
 
 def _pick(batch: Any, index: int, keys: Sequence[str], what: str, owner: str) -> Any:

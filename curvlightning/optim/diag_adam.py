@@ -535,7 +535,10 @@ def _rho_of(group: dict[str, Any]) -> float:
 
 
 def _real(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A finite int or float (not a bool)."""
+    if not isinstance(value, (int, float)) or isinstance(value, bool):
+        return False
+    return math.isfinite(value)
 
 
 def _check_estimate(i: int, p: Tensor, group: dict[str, Any], est: Any) -> None:
