@@ -114,12 +114,12 @@ def curvlightning_fns(
         "empirical/sumsq, no coordinate stderr": call(
             fisher_sumsq, "empirical", coordinate_stderr=False
         ),
-        "empirical/vmap": call(fisher_diagonal, "empirical"),
+        "empirical/vmap": call(fisher_diagonal, "empirical", method="vmap"),
         "mc/sumsq": call(fisher_sumsq, "mc"),
         "mc/sumsq, no coordinate stderr": call(
             fisher_sumsq, "mc", coordinate_stderr=False
         ),
-        "mc/vmap": call(fisher_diagonal, "mc"),
+        "mc/vmap": call(fisher_diagonal, "mc", method="vmap"),
     }
 
 
