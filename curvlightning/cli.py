@@ -26,6 +26,18 @@ class CurvatureCLI(LightningCLI):
     folder and the ``wandb sync`` command that uploads an offline run.
     """
 
+    def before_fit(self) -> None:
+        """Make relative wandb folders absolute before the run starts.
+
+        wandb's service process resolves a relative ``dir`` against its own working
+        directory, which is not the caller's once the service outlives one run.
+        """
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger) and logger._save_dir:
+                folder = os.path.abspath(logger._save_dir)
+                logger._save_dir = folder
+                logger._wandb_init["dir"] = folder
+
     def after_fit(self) -> None:
         """Print the run summary on rank zero, then close the wandb runs.
 

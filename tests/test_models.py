@@ -14,7 +14,6 @@ from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from curvlightning import HessianTrace
-from curvlightning.cli import CurvatureCLI
 from curvlightning.core.functional import FunctionalModel, flatten, unflatten
 from curvlightning.core.operators import HessianOperator
 from curvlightning.data.digits import DigitsDataModule
@@ -219,28 +218,3 @@ def test_charlm_refuses_a_vocab_smaller_than_the_data(tmp_path):
     )
     with pytest.raises(ValueError, match="`vocab_size`=4 is smaller than the data"):
         trainer.fit(model, datamodule=data)
-
-
-@pytest.mark.parametrize("recipe", ["digits_cnn.yaml", "charlm_adamw.yaml"])
-def test_recipe_instantiates_its_model_data_and_callbacks(
-    recipe, tmp_path, monkeypatch
-):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    cli = CurvatureCLI(
-        subclass_mode_model=True,
-        subclass_mode_data=True,
-        run=False,
-        args=["--config", str(RECIPES / recipe)],
-    )
-    names = {type(c).__name__ for c in cli.trainer.callbacks}
-    assert {"HessianTrace", "FisherDiagonal", "CurvatureReport"} <= names
-    param = torch.nn.Parameter(torch.zeros(3))
-    if recipe.startswith("charlm"):
-        optimizer = cli.model.optimizer_callable([param])
-        assert optimizer.defaults["betas"] == (0.9, 0.99)
-        assert optimizer.defaults["lr"] == 0.003
-    else:
-        optimizer = cli.model.configure_optimizers()
-        assert optimizer.defaults["lr"] == 0.002
-    assert isinstance(optimizer, torch.optim.AdamW)
