@@ -186,3 +186,37 @@ def test_layer_without_gradient_gets_nan_snr():
     assert float(metrics["grad/norm/unused"]) == 0.0
     assert torch.isnan(metrics["grad/snr/unused"])
     assert torch.isfinite(metrics["grad/snr/net.0"])
+
+
+def _torchrun(kind: str, out, port: int) -> dict:
+    import json
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(__file__).with_name("fsdp_gradient_norms.py")
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node=2",
+        f"--master_port={port}",
+        str(script),
+        kind,
+        str(out),
+    ]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return json.loads(out.read_text())
+
+
+@pytest.mark.distributed
+def test_sharded_gradient_norms_equal_the_ddp_ones(tmp_path):
+    from distributed import free_port
+
+    ddp = _torchrun("ddp", tmp_path / "ddp.json", free_port())
+    fsdp = _torchrun("fsdp", tmp_path / "fsdp.json", free_port())
+    keys = {"grad/norm", "grad/norm/net.0", "grad/norm/net.2"}
+    assert keys <= set(ddp) and keys <= set(fsdp)
+    for key in keys:
+        assert fsdp[key] == pytest.approx(ddp[key], rel=1e-5), key
