@@ -18,6 +18,7 @@ from curvlightning.core.functional import FunctionalModel, flatten, unflatten
 
 __all__ = [
     "HVP_BACKENDS",
+    "BatchOperator",
     "HessianOperator",
     "per_sample_gradients",
     "segments",
@@ -35,7 +36,36 @@ def segments(model: FunctionalModel) -> dict[str, slice]:
     return out
 
 
-class HessianOperator:
+class BatchOperator:
+    """A curvature operator on one batch: the model, the cast batch, and its loss.
+
+    Subclasses add ``__call__(v)`` (a product with a p x p matrix, ``v`` of shape
+    ``(p,)``) and count their products in :attr:`num_matvecs`.
+
+    Args:
+        model: The functional model (its ``loss`` must be set).
+        inputs: Inputs of the batch.
+        targets: Targets of the batch.
+    """
+
+    def __init__(self, model: FunctionalModel, inputs: Any, targets: Any) -> None:
+        self.model = model
+        self.inputs = model.cast(inputs)
+        self.targets = model.cast(targets)
+        self.num_matvecs = 0
+
+    @property
+    def dim(self) -> int:
+        """The number p of parameters."""
+        return self.model.num_params
+
+    def loss(self) -> Tensor:
+        """The loss at the current parameters (no graph)."""
+        with torch.no_grad():
+            return self.model.loss_at(self.model.params, self.inputs, self.targets)
+
+
+class HessianOperator(BatchOperator):
     r"""Products ``v -> H v`` with the Hessian of the loss on one batch.
 
     ``H = d^2 L / d theta^2`` (p x p) is never formed. Two backends:
@@ -70,25 +100,12 @@ class HessianOperator:
     ) -> None:
         if backend not in HVP_BACKENDS:
             raise ValueError(f"backend must be one of {HVP_BACKENDS}, got {backend!r}")
-        self.model = model
-        self.inputs = model.cast(inputs)
-        self.targets = model.cast(targets)
+        super().__init__(model, inputs, targets)
         self.backend = backend
-        self.num_matvecs = 0
         self._leaves: tuple[Tensor, ...] = ()
         self._grads: tuple[Tensor | None, ...] = ()
         if backend == "double_backward":
             self._build_graph()
-
-    @property
-    def dim(self) -> int:
-        """The number p of parameters."""
-        return self.model.num_params
-
-    def loss(self) -> Tensor:
-        """The loss at the current parameters (no graph)."""
-        with torch.no_grad():
-            return self.model.loss_at(self.model.params, self.inputs, self.targets)
 
     def _build_graph(self) -> None:
         leaves = tuple(p.detach().requires_grad_(True) for p in self.model.params)

@@ -35,7 +35,7 @@ from torch import Tensor
 from torch.func import grad, jvp, vmap
 
 from curvlightning.core.functional import FunctionalModel, flatten, unflatten
-from curvlightning.core.operators import HVP_BACKENDS, HessianOperator
+from curvlightning.core.operators import HVP_BACKENDS, BatchOperator, HessianOperator
 
 __all__ = [
     "BATCHED_HVP_BACKENDS",
@@ -274,7 +274,7 @@ def flat_gradient(
     return flatten([torch.zeros_like(p) if g is None else g for g, p in pairs])
 
 
-class BatchedHessianOperator:
+class BatchedHessianOperator(BatchOperator):
     r"""Products of the loss Hessian with blocks of probes.
 
     ``H = d^2 L / d theta^2`` (p x p) is never formed. :meth:`matmat` takes probes
@@ -348,27 +348,14 @@ class BatchedHessianOperator:
                 f"backend must be one of {BATCHED_HVP_BACKENDS}, got {backend!r}"
             )
         check_chunk_size(chunk_size)
-        self.model = model
-        self.inputs = model.cast(inputs)
-        self.targets = model.cast(targets)
+        super().__init__(model, inputs, targets)
         self.backend = backend
         self.chunk_size = chunk_size
-        self.num_matvecs = 0
         self.resolved: str | None = None
         self._batching: dict[str, bool] = {}
         self._leaves: tuple[Tensor, ...] = ()
         self._grads: tuple[Tensor | None, ...] = ()
         self._fd: FiniteDifferenceHessianOperator | None = None
-
-    @property
-    def dim(self) -> int:
-        """The number p of parameters."""
-        return self.model.num_params
-
-    def loss(self) -> Tensor:
-        """The loss at the current parameters (no graph)."""
-        with torch.no_grad():
-            return self.model.loss_at(self.model.params, self.inputs, self.targets)
 
     def gradient(self) -> Tensor:
         """The flat gradient ``dL/dtheta`` of shape ``(p,)``."""
@@ -619,7 +606,7 @@ def finite_difference_hvp(
     return (plus - minus) / (2 * step)
 
 
-class FiniteDifferenceHessianOperator:
+class FiniteDifferenceHessianOperator(BatchOperator):
     """Products ``v -> H v`` by central differences of gradients.
 
     The interface of :class:`~curvlightning.core.operators.HessianOperator`
@@ -650,23 +637,10 @@ class FiniteDifferenceHessianOperator:
     ) -> None:
         if step is not None and not step > 0:
             raise ValueError(f"step must be positive or None, got {step}")
-        self.model = model
-        self.inputs = model.cast(inputs)
-        self.targets = model.cast(targets)
+        super().__init__(model, inputs, targets)
         self.step = step
-        self.num_matvecs = 0
         self.last_step: float | None = None
         self._theta_norm = float(flatten(model.params).norm())
-
-    @property
-    def dim(self) -> int:
-        """The number p of parameters."""
-        return self.model.num_params
-
-    def loss(self) -> Tensor:
-        """The loss at the current parameters (no graph)."""
-        with torch.no_grad():
-            return self.model.loss_at(self.model.params, self.inputs, self.targets)
 
     def gradient(self) -> Tensor:
         """The flat gradient ``dL/dtheta`` of shape ``(p,)``."""
