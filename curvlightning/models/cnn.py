@@ -5,12 +5,12 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from lightning.pytorch.cli import OptimizerCallable
 from torch import nn
 
 from curvlightning.lightning.mixin import CurvatureMixin
+from curvlightning.models.classification import ClassificationSteps
 
 __all__ = ["CNNClassifier", "build_optimizer"]
 
@@ -18,7 +18,7 @@ _DEFAULT_LR = 1e-3
 _DEFAULT_WEIGHT_DECAY = 0.0
 
 
-class CNNClassifier(CurvatureMixin, LightningModule):
+class CNNClassifier(ClassificationSteps, CurvatureMixin, LightningModule):
     """Two-convolution classifier for small images, trained with cross-entropy.
 
     The network is ``Conv2d(3x3, padding 1), ReLU, Conv2d(3x3, padding 1), ReLU,
@@ -77,23 +77,6 @@ class CNNClassifier(CurvatureMixin, LightningModule):
         """Return logits ``(batch, num_classes)`` for images ``(batch, c, s, s)``."""
         return self.net(x)
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        """Cross-entropy on one batch; logs ``train/loss`` and ``train/acc``."""
-        loss, acc = self._loss_and_accuracy(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc)
-        return loss
-
-    def validation_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> None:
-        """Logs the epoch means ``val/loss`` and ``val/acc``."""
-        loss, acc = self._loss_and_accuracy(batch)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
-        self.log("val/acc", acc, prog_bar=True, on_epoch=True, sync_dist=True)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """The injected optimizer, or AdamW with ``lr`` and ``weight_decay``."""
         return build_optimizer(
@@ -102,15 +85,6 @@ class CNNClassifier(CurvatureMixin, LightningModule):
             self.hparams.lr,
             self.hparams.weight_decay,
         )
-
-    def _loss_and_accuracy(
-        self, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        return loss, acc
 
 
 def build_optimizer(

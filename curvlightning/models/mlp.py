@@ -5,14 +5,14 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import torch
-import torch.nn.functional as F
 from lightning.pytorch import LightningModule
 from torch import nn
 
 from curvlightning.lightning.mixin import CurvatureMixin
+from curvlightning.models.classification import ClassificationSteps
 
 
-class MLPClassifier(CurvatureMixin, LightningModule):
+class MLPClassifier(ClassificationSteps, CurvatureMixin, LightningModule):
     """Fully connected classifier trained with cross-entropy and AdamW.
 
     The network is ``[Linear, ReLU, Dropout] * len(hidden_sizes)`` followed by a
@@ -54,23 +54,6 @@ class MLPClassifier(CurvatureMixin, LightningModule):
         """Return logits ``(batch, num_classes)`` for inputs ``(batch, ...)``."""
         return self.net(x.flatten(start_dim=1))
 
-    def training_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> torch.Tensor:
-        """Cross-entropy on one batch; logs ``train/loss`` and ``train/acc``."""
-        loss, acc = self._loss_and_accuracy(batch)
-        self.log("train/loss", loss, prog_bar=True)
-        self.log("train/acc", acc)
-        return loss
-
-    def validation_step(
-        self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int
-    ) -> None:
-        """Logs the epoch means ``val/loss`` and ``val/acc``."""
-        loss, acc = self._loss_and_accuracy(batch)
-        self.log("val/loss", loss, prog_bar=True, on_epoch=True, sync_dist=True)
-        self.log("val/acc", acc, prog_bar=True, on_epoch=True, sync_dist=True)
-
     def configure_optimizers(self) -> torch.optim.Optimizer:
         """AdamW over all parameters with the module's ``lr`` and ``weight_decay``."""
         return torch.optim.AdamW(
@@ -78,15 +61,6 @@ class MLPClassifier(CurvatureMixin, LightningModule):
             lr=self.hparams.lr,
             weight_decay=self.hparams.weight_decay,
         )
-
-    def _loss_and_accuracy(
-        self, batch: tuple[torch.Tensor, torch.Tensor]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        x, y = batch
-        logits = self(x)
-        loss = F.cross_entropy(logits, y)
-        acc = (logits.argmax(dim=-1) == y).float().mean()
-        return loss, acc
 
 
 def _mlp(
