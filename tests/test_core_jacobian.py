@@ -139,3 +139,46 @@ def test_invalid_rows_are_rejected(rows, num_top, message):
 
     with pytest.raises(ValueError, match=message):
         jacobian_rows(model, inputs, rows, num_top=num_top)
+
+
+def _frobenius_on_rank(rank, world_size, inputs, sizes):
+    from curvlightning.core import TorchDistributed
+
+    reducer = TorchDistributed()
+    start = sum(sizes[:rank])
+    model = FunctionalModel(_shared_model(), dtype=torch.float64)
+    est = jacobian_frobenius_estimate(
+        model,
+        inputs[start : start + sizes[rank]],
+        ProbeSource(seed=3, shared=True),
+        6,
+        offset=start,
+        total=sum(sizes),
+        reduce_vjp=reducer.all_reduce_sum,
+    )
+    return float(est.value), float(est.stderr)
+
+
+def _shared_model():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(
+        torch.nn.Linear(4, 5), torch.nn.Tanh(), torch.nn.Linear(5, 3)
+    ).double()
+
+
+@pytest.mark.distributed
+def test_shared_output_probes_on_two_ranks_reproduce_one_process():
+    from distributed import run_on_ranks
+
+    inputs = torch.randn(
+        12, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(5)
+    )
+    sizes = [5, 7]
+    model = FunctionalModel(_shared_model(), dtype=torch.float64)
+    single = jacobian_frobenius_estimate(
+        model, inputs, ProbeSource(seed=3, shared=True), 6
+    )
+    results = run_on_ranks(_frobenius_on_rank, inputs, sizes, world_size=2)
+    for value, stderr in results:
+        assert value == pytest.approx(float(single.value), rel=1e-10)
+        assert stderr == pytest.approx(float(single.stderr), rel=1e-10)

@@ -26,6 +26,7 @@ from curvlightning import (
     FisherDiagonal,
     HessianSpectrum,
     HessianTrace,
+    JacobianRows,
 )
 from curvlightning.core import FunctionalModel, fisher_diagonal
 
@@ -37,6 +38,7 @@ TRACE = "curvature/hessian_trace"
 FISHER = "curvature/fisher_empirical_trace"
 EIGEN = "curvature/hessian_eigenvalues"
 DENSITY_TRACE = "curvature/hessian_density_trace"
+ROW = "curvature/jacobian_row_norm"
 
 
 class Classifier(CurvatureMixin, pl.LightningModule):
@@ -91,6 +93,7 @@ def _callbacks() -> list[pl.Callback]:
         HessianSpectrum(
             top_k=3, num_steps=12, density_probes=2, density_steps=12, **schedule
         ),
+        JacobianRows(num_probes=0, log_heatmap=False, **schedule),
     ]
 
 
@@ -168,6 +171,7 @@ def test_two_ranks_log_what_one_device_logs(runs):
     assert {TRACE, f"{TRACE}_stderr", FISHER, f"{FISHER}_stderr"} <= keys
     assert {f"{TRACE}/net.0", f"{TRACE}/net.2", f"{FISHER}/net.0"} <= keys
     assert {f"{EIGEN}/1", f"{EIGEN}/3", DENSITY_TRACE} <= keys
+    assert {f"{ROW}/class0", f"{ROW}/class0/net.0"} <= keys
     assert {step for _, step in expected} == set(STEPS)
     assert set(got) == set(expected)
     for (key, step), value in expected.items():

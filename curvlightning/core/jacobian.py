@@ -20,7 +20,7 @@ batch fall back to one backward pass per row.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -197,6 +197,9 @@ def jacobian_frobenius_estimate(
     segments: Mapping[str, slice] | None = None,
     memory_budget: int = DEFAULT_MEMORY_BUDGET,
     batched: bool = True,
+    offset: int = 0,
+    total: int | None = None,
+    reduce_vjp: Callable[[Tensor], Tensor] | None = None,
 ) -> Estimate:
     r"""Hutchinson's estimate of ``||J||_F^2`` from VJPs with output-space probes.
 
@@ -218,6 +221,13 @@ def jacobian_frobenius_estimate(
         segments: Named index ranges whose blocks are reported in ``parts``.
         memory_budget: Bytes a chunk of batched VJPs may take.
         batched: Batch the probes of a chunk through one backward pass.
+        offset: Where this rank's samples start in a global batch of ``total``
+            (shared probes across ranks: every sample gets the probe entries it
+            would get on one rank).
+        total: Samples in the global batch; ``None``: this batch only.
+        reduce_vjp: Applied to each chunk of VJPs ``J_r^T u`` (shape ``(n, p)``)
+            before squaring: a sum over ranks makes the terms those of the
+            global batch, ``||sum_r J_r^T u_r||^2``.
 
     Returns:
         The estimate, with one VJP per probe.
@@ -225,12 +235,19 @@ def jacobian_frobenius_estimate(
     check_num_probes(num_probes)
     model = as_functional(model)
     leaves, outputs = _forward(model, inputs)
+    rows = outputs.shape[0]
+    total = rows if total is None else total
     u = probes.draw(
-        num_probes, outputs.numel(), dtype=outputs.dtype, device=outputs.device
-    ).reshape(num_probes, *outputs.shape)
+        num_probes,
+        total * (outputs.numel() // max(rows, 1)),
+        dtype=outputs.dtype,
+        device=outputs.device,
+    ).reshape(num_probes, total, *outputs.shape[1:])[:, offset : offset + rows]
     segments = dict(segments or {})
     terms = []
     for chunk in _vjps(outputs, leaves, u, memory_budget, batched):
+        if reduce_vjp is not None:
+            chunk = reduce_vjp(chunk)
         blocks = [chunk[:, s].square().sum(dim=1) for s in segments.values()]
         terms.append(torch.stack([chunk.square().sum(dim=1), *blocks], dim=1))
     mean, stderr = mean_and_stderr(torch.cat(terms))

@@ -50,9 +50,10 @@ class JacobianRows(CurvatureCallback):
 
     Warning:
         Rows are of the batch-mean logit: opposite per-sample sensitivities cancel.
-        The Frobenius estimate measures the per-sample Jacobians instead. Its
-        output-space probes are drawn per rank even with ``shared_probes=True``,
-        so R ranks reproduce one rank's value only in expectation.
+        The Frobenius estimate measures the per-sample Jacobians instead; with
+        ``shared_probes=True`` on R ranks it all-reduces one p-vector per probe
+        and reproduces one rank exactly when the ranks hold consecutive slices of
+        the global batch in rank order (probes belong to positions in the batch).
     """
 
     def __init__(
@@ -123,6 +124,19 @@ class JacobianRows(CurvatureCallback):
     def _frobenius(
         self, ctx: _Context, inputs: Any, layers: Mapping[str, slice]
     ) -> Estimate:
+        if self.shared_probes and ctx.reducer.world_size > 1:
+            offset, total = ctx.reducer.offset_and_total(ctx.num_samples)
+            est = jacobian_frobenius_estimate(
+                ctx.model,
+                inputs,
+                ctx.probes,
+                self.num_probes,
+                segments=layers,
+                offset=offset,
+                total=total,
+                reduce_vjp=ctx.reducer.all_reduce_sum,
+            )
+            return _scaled(est, 1.0 / total, parts=True)
         est = jacobian_frobenius_estimate(
             ctx.model, inputs, ctx.probes, self.num_probes, segments=layers
         )
@@ -163,10 +177,12 @@ def _exact(value: Tensor) -> Estimate:
     return Estimate(value, torch.full_like(value, float("nan")), 0, 0)
 
 
-def _scaled(estimate: Estimate, scale: float) -> Estimate:
+def _scaled(estimate: Estimate, scale: float, parts: bool = False) -> Estimate:
+    scaled = {n: _scaled(p, scale) for n, p in estimate.parts.items()} if parts else {}
     return Estimate(
         estimate.value * scale,
         estimate.stderr * scale,
         estimate.num_matvecs,
         estimate.num_samples,
+        scaled,
     )
