@@ -36,7 +36,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from curvlightning.core import FunctionalModel, HessianOperator, ProbeSource
+from curvlightning.core import (
+    FunctionalModel,
+    HessianOperator,
+    ProbeSource,
+    get_likelihood,
+)
 from curvlightning.core.estimators import mean_and_stderr
 from curvlightning.core.functional import unflatten
 from curvlightning.core.ggn import GGNOperator, ggn_trace_output_sampling
@@ -45,6 +50,7 @@ from curvlightning.core.products import (
     FiniteDifferenceHessianOperator,
     curvature_sdpa,
 )
+from curvlightning.core.quadform import SequentialQuadraticForm
 
 MODELS = ("mlp", "cnn", "transformer")
 TARGET_GRADIENTS = 1.5
@@ -52,6 +58,9 @@ TARGET_GRADIENTS = 1.5
 
 # ----------------------------------------------------------------------------------
 # Problems
+
+
+CATEGORICAL = get_likelihood("categorical")
 
 
 @dataclass
@@ -211,6 +220,24 @@ def finite_difference(problem: Problem, probes: Tensor, seed: int):
     return run
 
 
+def sequential_forms(problem: Problem, probes: Tensor, seed: int):
+    """Exact v^T H v from second-order tangents (sequential MLPs only)."""
+    try:
+        SequentialQuadraticForm(
+            problem.net, problem.inputs[:2], problem.targets[:2], CATEGORICAL
+        )
+    except TypeError as why:
+        raise NotApplicable(str(why)) from why
+
+    def run() -> Tensor:
+        form = SequentialQuadraticForm(
+            problem.net, problem.inputs, problem.targets, CATEGORICAL
+        )
+        return torch.stack([form(v) for v in probes])
+
+    return run
+
+
 def ggn_hutchinson(problem: Problem, probes: Tensor, seed: int):
     model = functional(problem)
 
@@ -340,6 +367,8 @@ METHODS = (
     Method("curvlightning sequential forward-over-reverse", "tr(H)",
            hessian_operator("forward_over_reverse")),
     Method("curvlightning finite difference", "tr(H)", finite_difference),
+    Method("curvlightning exact quadratic forms (sequential)", "tr(H)",
+           sequential_forms),
     Method("PyHessian trace (own probes)", "tr(H)", pyhessian_trace, "pyhessian"),
     Method("curvlinops HessianLinearOperator @ V", "tr(H)", curvlinops_hessian,
            "curvlinops"),

@@ -54,6 +54,7 @@ from curvlightning.core.products import (
     finite_difference_hvp,
     hessian_operator,
 )
+from curvlightning.core.quadform import SequentialQuadraticForm, quadratic_form_trace
 from curvlightning.core.sumsq import (
     fisher_sumsq,
     gradient_power_sums,
@@ -61,6 +62,8 @@ from curvlightning.core.sumsq import (
 )
 
 __all__ = [
+    "SequentialQuadraticForm",
+    "quadratic_form_trace",
     "BATCHED_HVP_BACKENDS",
     "BatchedHessianOperator",
     "FiniteDifferenceHessianOperator",
