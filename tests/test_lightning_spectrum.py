@@ -206,3 +206,30 @@ def test_quadratic_model_newton_step_minimises_a_quadratic():
     )
     assert predicted < 0
     assert -predicted <= float(before) + 1e-9
+
+
+def test_quadratic_form_estimator_equals_hutchinson_through_the_callback():
+    common = {"every_n_steps": 2, "num_probes": 7, "curvature_batch": "fixed"}
+    common["dtype"] = "float64"
+    forms = HessianTrace(estimator="quadratic_form", **common)
+    plain = HessianTrace(estimator="hutchinson", per_layer=False, **common)
+    _fit(Tiny(), [forms], _loader())
+    _fit(Tiny(), [plain], _loader())
+    assert forms.history[0]["value"] == pytest.approx(
+        plain.history[0]["value"], rel=1e-9
+    )
+    assert forms.history[0]["stderr"] == pytest.approx(
+        plain.history[0]["stderr"], rel=1e-9
+    )
+
+
+def test_quadratic_form_estimator_refuses_other_networks():
+    class Residual(Tiny):
+        def forward(self, x):
+            return self.net(x) + x[:, :3]
+
+    trace = HessianTrace(
+        estimator="quadratic_form", every_n_steps=1, num_probes=2, dtype="float64"
+    )
+    with pytest.raises(ValueError, match="needs the module's outputs to be those"):
+        _fit(Residual(), [trace], _loader())

@@ -34,11 +34,15 @@ import torch
 from torch import Tensor, nn
 
 from curvlightning.core.estimators import Estimate, check_num_probes, mean_and_stderr
-from curvlightning.core.functional import trainable_parameters, unflatten
+from curvlightning.core.functional import (
+    FunctionalModel,
+    trainable_parameters,
+    unflatten,
+)
 from curvlightning.core.likelihoods import Likelihood
 from curvlightning.core.probes import ProbeSource
 
-__all__ = ["SequentialQuadraticForm", "quadratic_form_trace"]
+__all__ = ["SequentialQuadraticForm", "quadratic_form_trace", "sequential_network"]
 
 _Activation = Callable[[Tensor, Tensor], tuple[Tensor, Tensor]]
 
@@ -211,6 +215,41 @@ def _check_layers(net: nn.Module) -> list[nn.Module]:
     return list(net)
 
 
+def sequential_network(model: FunctionalModel, inputs: Tensor) -> nn.Sequential:
+    """The ``nn.Sequential`` that computes a functional model's outputs by itself.
+
+    It must hold every trainable parameter, and its outputs on ``inputs`` must equal
+    the model's (checked), so that forms of it are forms of the model's loss.
+
+    Raises:
+        ValueError: Naming what does not hold.
+    """
+    nets = [m for m in model.module.modules() if isinstance(m, nn.Sequential)]
+    owned = {id(p) for p in model.module.parameters() if p.requires_grad}
+    x = model.cast(inputs)
+    for net in nets:
+        held = {id(p) for p in net.parameters() if p.requires_grad}
+        if held != owned or not _same_dtype(net, model):
+            continue
+        with torch.no_grad():
+            expected = model.outputs(model.params, x)
+            got = net(x.flatten(1))
+        if got.shape == expected.shape and torch.allclose(
+            got, expected, rtol=1e-5, atol=1e-6
+        ):
+            return net
+    raise ValueError(
+        "estimator='quadratic_form' needs the module's outputs to be those of one "
+        "nn.Sequential holding every trainable parameter (Linear layers with ReLU, "
+        f"Tanh or Sigmoid) in the pass' dtype {model.dtype}; "
+        f"{type(model.module).__name__} has none: use estimator='hutchinson'"
+    )
+
+
+def _same_dtype(net: nn.Module, model: FunctionalModel) -> bool:
+    return all(p.dtype == model.dtype for p in net.parameters())
+
+
 def quadratic_form_trace(
     net: nn.Sequential,
     inputs: Tensor,
@@ -218,6 +257,8 @@ def quadratic_form_trace(
     likelihood: Likelihood,
     probes: ProbeSource,
     num_probes: int,
+    *,
+    reduce_samples: Callable[[Tensor], Tensor] | None = None,
 ) -> Estimate:
     r"""Hutchinson's trace estimate ``(1/n) sum_i v_i^T H v_i`` from exact forms.
 
@@ -231,6 +272,8 @@ def quadratic_form_trace(
         likelihood: ``"categorical"`` or ``"gaussian"``.
         probes: The probe source.
         num_probes: Number of probes, at least 1.
+        reduce_samples: Applied to the ``(n,)`` per-probe forms before the
+            statistics (a weighted mean over ranks when all ranks share probes).
 
     Returns:
         The estimate, its standard error and the number of forms computed.
@@ -248,5 +291,7 @@ def quadratic_form_trace(
             for _ in range(num_probes)
         ]
     )
+    if reduce_samples is not None:
+        samples = reduce_samples(samples)
     mean, stderr = mean_and_stderr(samples)
     return Estimate(mean, stderr, num_probes, num_probes)

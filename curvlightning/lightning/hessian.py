@@ -20,17 +20,19 @@ from curvlightning.core.fisher import check_fisher_kind, fisher_diagonal
 from curvlightning.core.hutchpp import hutchpp_trace
 from curvlightning.core.operators import HessianOperator
 from curvlightning.core.products import hessian_operator
+from curvlightning.core.quadform import quadratic_form_trace, sequential_network
 from curvlightning.lightning.base import (
     CurvatureCallback,
     _Context,
     check_backend,
     layer_segments,
 )
+from curvlightning.lightning.fisher import check_likelihood_fits_loss
 from curvlightning.logging.wandb_media import log_histograms
 
 __all__ = ["HessianDiagonal", "HessianTrace", "TRACE_ESTIMATORS", "compare_diagonals"]
 
-TRACE_ESTIMATORS = ("hutchinson", "hutch++")
+TRACE_ESTIMATORS = ("hutchinson", "hutch++", "quadratic_form")
 
 
 class HessianTrace(CurvatureCallback):
@@ -43,6 +45,13 @@ class HessianTrace(CurvatureCallback):
     (``H = sum_r (N_r / N) H_r``). A layer's trace uses the same probes restricted
     to its parameters. Logs ``curvature/hessian_trace``, its standard error
     ``curvature/hessian_trace_stderr`` and ``curvature/hessian_trace/<layer>``.
+
+    With ``estimator="quadratic_form"`` each probe costs one exact form
+    ``v^T H v`` by second-order tangents (about 1.1-1.3 gradients on an MLP against
+    1.8 for a Hessian-vector product), for modules whose outputs are those of one
+    ``nn.Sequential`` of Linear layers and ReLU, Tanh or Sigmoid holding every
+    trainable parameter, with the categorical or Gaussian likelihood; it reports no
+    per-layer traces. Anything else is refused with the reason.
 
     With ``estimator="hutch++"`` the ``num_probes`` products are spent on Hutch++
     (Meyer et al., 2021): a third sketch the top of the spectrum, whose trace is
@@ -88,6 +97,8 @@ class HessianTrace(CurvatureCallback):
             raise ValueError(
                 f"estimator must be one of {TRACE_ESTIMATORS}, got {estimator!r}"
             )
+        if estimator == "quadratic_form" and per_layer:
+            per_layer = False
         if estimator == "hutch++" and num_probes < 3:
             raise ValueError(
                 f"estimator='hutch++' needs num_probes >= 3, got {num_probes}"
@@ -105,6 +116,8 @@ class HessianTrace(CurvatureCallback):
         self, ctx: _Context, inputs: Any, targets: Tensor
     ) -> Mapping[str, Estimate]:
         """The trace of the Hessian on this step's curvature batch."""
+        if self.estimator == "quadratic_form":
+            return {f"{self.name}/hessian_trace": self._forms(ctx, inputs, targets)}
         operator = hessian_operator(ctx.model, inputs, targets, self.backend)
         if self.estimator == "hutch++":
             return {f"{self.name}/hessian_trace": self._hutchpp(ctx, operator)}
@@ -122,6 +135,24 @@ class HessianTrace(CurvatureCallback):
         if not self.shared_probes:
             estimate = reduce_estimate(estimate, ctx.reducer, ctx.num_samples)
         return {f"{self.name}/hessian_trace": estimate}
+
+    def _forms(self, ctx: _Context, inputs: Any, targets: Tensor) -> Estimate:
+        """Hutchinson from exact quadratic forms of the module's sequential network."""
+        net = sequential_network(ctx.model, inputs)
+        likelihood = ctx.pl_module.likelihood
+        check_likelihood_fits_loss(ctx.pl_module, ctx.model, inputs, targets)
+        estimate = quadratic_form_trace(
+            net,
+            ctx.model.cast(inputs),
+            ctx.model.cast(targets),
+            likelihood,
+            ctx.probes,
+            self.num_probes,
+            reduce_samples=ctx.weighted_mean if self.shared_probes else None,
+        )
+        if self.shared_probes:
+            return estimate
+        return reduce_estimate(estimate, ctx.reducer, ctx.num_samples)
 
     def _hutchpp(self, ctx: _Context, operator: HessianOperator) -> Estimate:
         """Hutch++ on each rank's Hessian, or on the global one with shared probes."""
