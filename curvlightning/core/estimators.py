@@ -19,6 +19,7 @@ from curvlightning.core.probes import ProbeSource
 __all__ = [
     "Estimate",
     "check_num_probes",
+    "exact_estimate",
     "hutchinson_diagonal",
     "hutchinson_trace",
     "mean_and_stderr",
@@ -50,6 +51,16 @@ class Estimate:
     def item(self) -> float:
         """The value of a scalar estimate as a float."""
         return float(self.value)
+
+
+def exact_estimate(value: Tensor | float, num_samples: int = 0) -> Estimate:
+    """A value without a sampling error (NaN stderr, no matvecs).
+
+    For deterministic quantities logged beside estimates: distances between two
+    estimates, norms of reduced vectors, the outcome of an optimizer step.
+    """
+    value = torch.as_tensor(value).detach()
+    return Estimate(value, torch.full_like(value, float("nan")), 0, num_samples)
 
 
 def check_num_probes(num_probes: int, name: str = "num_probes") -> int:

@@ -23,12 +23,18 @@ __all__ = [
     "CURVATURE_BATCHES",
     "CurvatureCallback",
     "check_backend",
+    "layer_of",
     "layer_segments",
     "log_scalars",
 ]
 
 CURVATURE_BATCHES = ("current", "fixed")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def layer_of(name: str) -> str:
+    """The layer (owning module) of a parameter: ``net.0.weight`` -> ``net.0``."""
+    return name.rpartition(".")[0] or name
 
 
 def layer_segments(model: FunctionalModel) -> dict[str, slice]:
@@ -41,7 +47,7 @@ def layer_segments(model: FunctionalModel) -> dict[str, slice]:
     out: dict[str, slice] = {}
     start = 0
     for name, p in zip(model.names, model.params, strict=True):
-        layer = name.rpartition(".")[0] or name
+        layer = layer_of(name)
         stop = start + p.numel()
         if layer in out and out[layer].stop == start:
             out[layer] = slice(out[layer].start, stop)
@@ -313,6 +319,15 @@ class _Context:
     def weighted_mean(self, tensor: Tensor) -> Tensor:
         """Mean over ranks weighted by their sample counts."""
         return self.reducer.weighted_mean(tensor, self.num_samples)
+
+    def global_matvec(self, matvec: Any) -> Any:
+        """``v -> H v`` with the global batch's ``H = sum_r (N_r / N) H_r``.
+
+        One all-reduce of p numbers per product; ``matvec`` itself on one rank.
+        """
+        if self.reducer.world_size == 1:
+            return matvec
+        return lambda v: self.weighted_mean(matvec(v))
 
 
 def log_scalars(trainer: pl.Trainer, scalars: Mapping[str, float], step: int) -> None:

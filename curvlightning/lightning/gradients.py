@@ -15,10 +15,11 @@ from torch import Tensor
 from torch.nn.parallel import DistributedDataParallel
 
 from curvlightning.core.distributed import Reducer, default_reducer
-from curvlightning.core.functional import FunctionalModel
+from curvlightning.core.functional import FunctionalModel, unflatten
 from curvlightning.core.gradients import NoiseScaleEMA, noise_scale_parts
+from curvlightning.core.products import flat_gradient
 from curvlightning.core.sumsq import gradient_power_sums
-from curvlightning.lightning.base import _check_positive_int, log_scalars
+from curvlightning.lightning.base import _check_positive_int, layer_of, log_scalars
 from curvlightning.lightning.mixin import CurvatureMixin
 
 __all__ = ["GradientStats"]
@@ -106,6 +107,7 @@ class GradientStats(Callback):
         self.ema = NoiseScaleEMA(ema_beta)
         self.layer_emas: dict[str, NoiseScaleEMA] = {}
         self._hook: _LocalNorms | None = None
+        self._local_norms: list[float] = []
         self._batch: Any = None
         self._warned = False
 
@@ -186,13 +188,13 @@ class GradientStats(Callback):
             [float(sum(local[id(p)] for p in layers[n])) for n in names],
             dtype=torch.float64,
         )
-        gathered = [reducer.all_gather_scalar(float(local_sq.sum()))]
+        gathered = reducer.all_gather_scalar(float(local_sq.sum()))
         mean_sq = reducer.all_reduce_sum(local_sq) / reducer.world_size
         batch = _batch_size(pl_module, self._batch) * trainer.accumulate_grad_batches
         sizes = reducer.all_gather_scalar(float(batch))
         small = len(sizes) / sum(1.0 / s for s in sizes)
         big = float(sum(sizes))
-        self._local_norms = [math.sqrt(v) for v in gathered[0]]
+        self._local_norms = [math.sqrt(v) for v in gathered]
         return {
             n: (float(mean_sq[i]), sq_big[n], small, big) for i, n in enumerate(names)
         }
@@ -209,7 +211,7 @@ class GradientStats(Callback):
         metrics["grad/sq_norm_est"] = float(whole.sq_norm)
         metrics["grad/trace_sigma_est"] = float(whole.trace_sigma)
         metrics["grad/noise_scale"] = self.ema.b_simple
-        for i, norm in enumerate(getattr(self, "_local_norms", [])):
+        for i, norm in enumerate(self._local_norms):
             metrics[f"grad/local_norm/rank{i}"] = norm
         if self.per_layer:
             for name, (s, b, small, big) in parts.items():
@@ -245,7 +247,7 @@ def _layers(pl_module: pl.LightningModule) -> dict[str, list[Tensor]]:
     out: dict[str, list[Tensor]] = {}
     for name, p in pl_module.named_parameters():
         if p.requires_grad:
-            out.setdefault(name.rpartition(".")[0] or name, []).append(p)
+            out.setdefault(layer_of(name), []).append(p)
     return out
 
 
@@ -286,34 +288,15 @@ def _single_device_parts(
     sums = gradient_power_sums(
         model, inputs, targets, likelihood.per_sample_loss, fourth_powers=False
     )
-    grads = _batch_gradient(model, inputs, targets)
+    flat = flat_gradient(model, model.params, inputs, targets)
+    grads = unflatten(flat, model.params)
     count = int(targets.shape[0])
-    by_param = dict(zip(model.names, range(len(model.names)), strict=True))
-    owners = _owner_names(model, layers)
+    owners: dict[str, list[int]] = {name: [] for name in layers}
+    for i, name in enumerate(model.names):
+        owners[layer_of(name)].append(i)
     parts = {}
-    for name in layers:
-        idx = [by_param[n] for n in owners[name]]
+    for name, idx in owners.items():
         small = float(sums.sample_sq_norms[:, idx].sum()) / count
         big = float(sum(grads[i].pow(2).sum() for i in idx))
         parts[name] = (small, big, 1.0, float(count))
     return parts
-
-
-def _owner_names(
-    model: FunctionalModel, layers: Mapping[str, list[Tensor]]
-) -> dict[str, list[str]]:
-    out: dict[str, list[str]] = {name: [] for name in layers}
-    for name in model.names:
-        out[name.rpartition(".")[0] or name].append(name)
-    return out
-
-
-def _batch_gradient(model: FunctionalModel, inputs: Any, targets: Any) -> list[Tensor]:
-    leaves = tuple(p.detach().requires_grad_(True) for p in model.params)
-    with torch.enable_grad():
-        loss = model.loss_at(leaves, inputs, targets)
-        grads = torch.autograd.grad(loss, leaves, allow_unused=True)
-    return [
-        torch.zeros_like(p) if g is None else g
-        for g, p in zip(grads, leaves, strict=True)
-    ]

@@ -12,6 +12,7 @@ from torch import Tensor
 from curvlightning.core.estimators import (
     Estimate,
     check_num_probes,
+    exact_estimate,
     hutchinson_diagonal,
     hutchinson_trace,
     reduce_estimate,
@@ -107,6 +108,7 @@ class HessianTrace(CurvatureCallback):
         self.backend = backend
         self.estimator = estimator
         self.per_layer = per_layer
+        self._network: torch.nn.Sequential | None = None
 
     def summary_keys(self) -> list[str]:
         """The trace's metric name."""
@@ -138,11 +140,12 @@ class HessianTrace(CurvatureCallback):
 
     def _forms(self, ctx: _Context, inputs: Any, targets: Tensor) -> Estimate:
         """Hutchinson from exact quadratic forms of the module's sequential network."""
-        net = sequential_network(ctx.model, inputs)
+        if self._network is None:
+            self._network = sequential_network(ctx.model, inputs)
+            check_likelihood_fits_loss(ctx.pl_module, ctx.model, inputs, targets)
         likelihood = ctx.pl_module.likelihood
-        check_likelihood_fits_loss(ctx.pl_module, ctx.model, inputs, targets)
         estimate = quadratic_form_trace(
-            net,
+            self._network,
             ctx.model.cast(inputs),
             ctx.model.cast(targets),
             likelihood,
@@ -156,9 +159,7 @@ class HessianTrace(CurvatureCallback):
 
     def _hutchpp(self, ctx: _Context, operator: HessianOperator) -> Estimate:
         """Hutch++ on each rank's Hessian, or on the global one with shared probes."""
-        matvec = operator
-        if self.shared_probes and ctx.reducer.world_size > 1:
-            matvec = lambda v: ctx.weighted_mean(operator(v))  # noqa: E731
+        matvec = ctx.global_matvec(operator) if self.shared_probes else operator
         estimate = hutchpp_trace(
             matvec,
             operator.dim,
@@ -317,12 +318,8 @@ def compare_diagonals(
         return torch.corrcoef(stacked)[0, 1]
 
     def make(fn: Any) -> Estimate:
-        parts = {n: _distance(fn(s)) for n, s in layers.items()}
-        whole = _distance(fn(slice(None)))
+        parts = {n: exact_estimate(fn(s)) for n, s in layers.items()}
+        whole = exact_estimate(fn(slice(None)))
         return Estimate(whole.value, whole.stderr, 0, 0, parts)
 
     return {key: make(rel_error), f"{key}_corr": make(corr)}
-
-
-def _distance(value: Tensor) -> Estimate:
-    return Estimate(value, torch.full_like(value, float("nan")), 0, 0)

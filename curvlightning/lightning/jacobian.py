@@ -9,7 +9,12 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from curvlightning.core.estimators import Estimate, check_num_probes, reduce_estimate
+from curvlightning.core.estimators import (
+    Estimate,
+    check_num_probes,
+    exact_estimate,
+    reduce_estimate,
+)
 from curvlightning.core.jacobian import jacobian_frobenius_estimate, jacobian_rows
 from curvlightning.lightning.base import (
     CurvatureCallback,
@@ -103,10 +108,10 @@ class JacobianRows(CurvatureCallback):
             row = rows[i]
             per_layer = {n: row[s].norm() for n, s in layers.items()}
             self._last_rows[label] = {n: float(v) ** 2 for n, v in per_layer.items()}
-            parts = {n: _exact(v) for n, v in per_layer.items()}
-            value = row.norm()
+            parts = {n: exact_estimate(v) for n, v in per_layer.items()}
+            whole = exact_estimate(row.norm(), ctx.num_samples)
             out[f"{self.name}/jacobian_row_norm/{label}"] = Estimate(
-                value, torch.full_like(value, float("nan")), 1, ctx.num_samples, parts
+                whole.value, whole.stderr, 1, ctx.num_samples, parts
             )
         if self.num_probes:
             out[f"{self.name}/jacobian_frobenius_sq"] = self._frobenius(
@@ -171,10 +176,6 @@ class JacobianRows(CurvatureCallback):
         figure.colorbar(image, ax=axes)
         figure.tight_layout()
         log_image(trainer, f"{self.name}/jacobian_rows_heatmap", figure, ctx.step)
-
-
-def _exact(value: Tensor) -> Estimate:
-    return Estimate(value, torch.full_like(value, float("nan")), 0, 0)
 
 
 def _scaled(estimate: Estimate, scale: float, parts: bool = False) -> Estimate:

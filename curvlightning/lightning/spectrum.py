@@ -10,7 +10,7 @@ import lightning.pytorch as pl
 import torch
 from torch import Tensor
 
-from curvlightning.core.estimators import Estimate
+from curvlightning.core.estimators import Estimate, exact_estimate
 from curvlightning.core.functional import flatten
 from curvlightning.core.lanczos import spectral_density, top_eigenvalues
 from curvlightning.core.newton import newton_direction, quadratic_model_change
@@ -100,7 +100,7 @@ class HessianSpectrum(CurvatureCallback):
     ) -> Mapping[str, Estimate]:
         """Eigenvalues and density of the global batch's Hessian."""
         operator = hessian_operator(ctx.model, inputs, targets, self.backend)
-        matvec = _all_reduced(ctx, operator)
+        matvec = ctx.global_matvec(operator)
         probes = dataclasses.replace(ctx.probes, shared=True)
         dim, dtype, device = operator.dim, ctx.model.dtype, ctx.model.device
         steps = min(self.num_steps, dim)
@@ -165,13 +165,6 @@ class HessianSpectrum(CurvatureCallback):
         """Restore what :meth:`state_dict` saved."""
         super().load_state_dict(state_dict)
         self.densities = list(state_dict.get("densities", []))
-
-
-def _all_reduced(ctx: _Context, operator: HessianOperator) -> Any:
-    """``v -> H v`` with the global Hessian (an all-reduce per product)."""
-    if ctx.reducer.world_size == 1:
-        return operator
-    return lambda v: ctx.weighted_mean(operator(v))
 
 
 def _eigen_estimate(ritz: Any, steps: int) -> Estimate:
@@ -301,12 +294,12 @@ class QuadraticModelCheck(CurvatureCallback):
         if self.newton_iters:
             values.update(self._newton(ctx, operator, gradient, step))
         prefix = f"{self.name}/quadratic_model"
-        return {f"{prefix}/{k}": _exact(v) for k, v in values.items()}
+        return {f"{prefix}/{k}": exact_estimate(v, 1) for k, v in values.items()}
 
     def _newton(
         self, ctx: _Context, operator: HessianOperator, gradient: Tensor, step: Tensor
     ) -> dict[str, Tensor]:
-        matvec = _all_reduced(ctx, operator)
+        matvec = ctx.global_matvec(operator)
         newton = newton_direction(
             matvec, gradient, self.damping, max_iters=self.newton_iters, rtol=1e-6
         )
@@ -314,8 +307,3 @@ class QuadraticModelCheck(CurvatureCallback):
         predicted = quadratic_model_change(gradient, matvec, direction)
         cosine = direction @ step / (direction.norm() * step.norm()).clamp_min(1e-30)
         return {"newton_predicted": predicted, "newton_cosine": cosine}
-
-
-def _exact(value: Tensor) -> Estimate:
-    value = torch.as_tensor(value).detach()
-    return Estimate(value, torch.full_like(value, float("nan")), 0, 1)
